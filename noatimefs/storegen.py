@@ -153,9 +153,10 @@ def store_hash(seed: int, index: int) -> str:
 class _Writer:
     """Creates entries below one store path and counts them into a Summary."""
 
-    def __init__(self, summary: Summary, pool: bytes) -> None:
+    def __init__(self, summary: Summary, pool: bytes, max_file_size: int | None) -> None:
         self.s = summary
         self.pool = pool
+        self.cap = max_file_size
 
     def dir(self, path: str) -> None:
         os.mkdir(path, 0o755)
@@ -163,6 +164,8 @@ class _Writer:
 
     def file(self, path: str, size: int, offset: int, executable: bool = False) -> None:
         mode = 0o555 if executable else 0o444
+        if self.cap is not None:
+            size = min(size, self.cap)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             if size:
@@ -296,6 +299,7 @@ def generate(
     big_size: int = DEFAULT_BIG_SIZE,
     seed: int = 0,
     entries: int | None = None,
+    max_file_size: int | None = None,
 ) -> Summary:
     """Generate a store-like tree in ``dest`` (created if missing; must be empty).
 
@@ -303,7 +307,8 @@ def generate(
     ``files_per_path`` regular files each, plus one ``<hash>-bigdata-1.0``
     path holding ``big_files`` files of ``big_size`` bytes if ``big_files``.
     With ``entries``, stop adding store paths once at least that many entries
-    exist (``paths`` is then ignored).
+    exist (``paths`` is then ignored).  ``max_file_size`` caps the small
+    files (0: all empty, for metadata-only trees; names and layout unchanged).
     """
     t0 = time.monotonic()
     dest_s = os.fspath(dest)
@@ -312,7 +317,7 @@ def generate(
         raise FileExistsError(f"{dest_s} is not empty")
     summary = Summary(dest=os.path.abspath(dest_s), seed=seed, big_size=big_size)
     pool = random.Random(f"pool:{seed}").randbytes(POOL_SIZE)
-    w = _Writer(summary, pool)
+    w = _Writer(summary, pool, max_file_size)
     old_umask = os.umask(0o022)
     names: list[str] = []
     try:
@@ -387,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--files-per-path", type=int, default=12, help="mean files per path")
     p.add_argument("--big-files", type=int, default=0, help="number of big files")
     p.add_argument("--big-size", type=_size, default=DEFAULT_BIG_SIZE, help="e.g. 512M")
+    p.add_argument("--max-file-size", type=_size, help="cap small files (0: empty files)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -398,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             big_size=args.big_size,
             seed=args.seed,
             entries=args.entries,
+            max_file_size=args.max_file_size,
         )
     except OSError as e:
         print(f"storegen: error: {e}", file=sys.stderr)

@@ -1,0 +1,261 @@
+"""The ``noatimefs`` command: arguments, validation, exit codes. No FUSE calls here.
+
+Everything that can be checked is checked before anything is mounted, and a
+problem the user can fix ends the command with one line
+``noatimefs: error: ...`` and an exit code from :class:`noatimefs.errors.Exit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import pwd
+import shutil
+import stat
+import sys
+from collections.abc import Sequence
+
+from noatimefs import __version__, mountinfo, policy
+from noatimefs.errors import Exit, QuietError
+from noatimefs.mount import Config
+
+log = logging.getLogger("noatimefs")
+
+#: ``-o`` options that belong to mount(8), fstab or systemd, not to the kernel.
+IGNORED_OPTIONS = frozenset(
+    {"ro", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
+    | {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime"}
+    | {"rw"}
+)
+_IGNORED_PREFIXES = ("x-", "comment=", "fsname=", "subtype=")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noatimefs",
+        description=(
+            "Mount SOURCE read-only at MOUNTPOINT, presented as owned by OWNER, and drop "
+            "O_NOATIME from opens by callers who do not own the file."
+        ),
+    )
+    parser.add_argument("source", metavar="SOURCE", help="the store directory to re-export")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    parser.add_argument(
+        "--owner",
+        metavar="USER|UID",
+        help="the consumer the mount is for; entries it can use are shown as its own "
+        "(default: the user running noatimefs)",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let users other than the daemon's reach the mount (needed when --owner is "
+        "another user)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long the kernel may cache entries and attributes (default: 300)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log every request (slow)")
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount(8)-style options: owner=USER, allow_other, timeout=SECONDS, debug; "
+        "fstab-only options (nofail, noauto, _netdev, x-systemd.*, ...) are ignored",
+    )
+    parser.add_argument("--version", action="version", version=f"noatimefs {__version__}")
+    return parser
+
+
+def apply_mount_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fold ``-o`` options into *args* (command-line flags win)."""
+    for group in args.options:
+        for option in filter(None, group.split(",")):
+            key, _, value = option.partition("=")
+            if key == "owner" and value:
+                args.owner = args.owner or value
+            elif key == "allow_other" and not value:
+                args.allow_other = True
+            elif key == "debug" and not value:
+                args.debug = True
+            elif key == "timeout" and value:
+                try:
+                    args.timeout = args.timeout if args.timeout is not None else float(value)
+                except ValueError:
+                    parser.error(f"bad value in -o {option}")
+            elif option in IGNORED_OPTIONS or option.startswith(_IGNORED_PREFIXES):
+                continue
+            else:
+                parser.error(f"unknown mount option: {option}")
+
+
+def resolve_owner(spec: str | None) -> policy.Consumer:
+    """The presented owner named by *spec* (a user name or uid; None: ourselves)."""
+    if spec is None:
+        uid = os.geteuid()
+    elif spec.isdigit():
+        uid = int(spec)
+    else:
+        try:
+            uid = pwd.getpwnam(spec).pw_uid
+        except KeyError:
+            raise QuietError(f"unknown owner: no user named {spec!r}", Exit.OWNER) from None
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        log.info("owner uid %d has no passwd entry: no group memberships assumed", uid)
+        return policy.Consumer(uid, frozenset())
+    return policy.Consumer(uid, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+
+
+def check_source(source: str) -> None:
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise QuietError(f"SOURCE {source} does not exist", Exit.SOURCE) from None
+    except OSError as exc:
+        raise QuietError(f"SOURCE {source}: {exc.strerror}", Exit.SOURCE) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise QuietError(f"SOURCE {source} is not a directory", Exit.SOURCE)
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise QuietError(f"SOURCE {source} cannot be read by uid {os.geteuid()}", Exit.SOURCE)
+
+
+def check_mountpoint(mountpoint: str, source: str) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise QuietError(f"MOUNTPOINT {mountpoint} does not exist", Exit.MOUNTPOINT) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise QuietError(
+                f"MOUNTPOINT {mountpoint} is a dead FUSE mount (its daemon is gone); "
+                f"clear it with: fusermount3 -u {mountpoint}",
+                Exit.MOUNTPOINT,
+            ) from None
+        raise QuietError(f"MOUNTPOINT {mountpoint}: {exc.strerror}", Exit.MOUNTPOINT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise QuietError(f"MOUNTPOINT {mountpoint} is not a directory", Exit.MOUNTPOINT)
+    real_mp, real_src = os.path.realpath(mountpoint), os.path.realpath(source)
+    if real_mp == real_src or real_mp.startswith(real_src.rstrip("/") + "/"):
+        raise QuietError(
+            f"MOUNTPOINT {mountpoint} is inside SOURCE {source}: the mount would contain itself",
+            Exit.MOUNTPOINT,
+        )
+    mounted = mountinfo.find(real_mp)
+    if mounted is not None:
+        raise QuietError(
+            f"MOUNTPOINT {mountpoint} is already mounted ({mounted.fstype} from "
+            f"{mounted.source}); unmount it first",
+            Exit.MOUNTPOINT,
+        )
+    if os.listdir(mountpoint):
+        raise QuietError(f"MOUNTPOINT {mountpoint} is not empty", Exit.MOUNTPOINT)
+
+
+def check_fuse(allow_other: bool) -> None:
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
+        raise QuietError(
+            "no /dev/fuse: load the fuse module (modprobe fuse) or give the container the device",
+            Exit.FUSE,
+        ) from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise QuietError("/dev/fuse is not a character device", Exit.FUSE)
+    if os.geteuid() == 0:
+        return
+    if shutil.which("fusermount3") is None:
+        raise QuietError("fusermount3 not found: install fuse3", Exit.FUSE)
+    if allow_other and not _fuse_conf_allows_other():
+        raise QuietError(
+            "--allow-other needs 'user_allow_other' in /etc/fuse.conf when not run as root",
+            Exit.FUSE,
+        )
+
+
+def _fuse_conf_allows_other(path: str = "/etc/fuse.conf") -> bool:
+    try:
+        with open(path) as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def check_openat2(source: str) -> None:
+    from noatimefs.source import Source
+
+    try:
+        src = Source(source)
+    except OSError as exc:
+        raise QuietError(f"SOURCE {source}: {exc.strerror}", Exit.SOURCE) from None
+    try:
+        src.check_openat2()
+    except OSError as exc:
+        raise QuietError(
+            f"openat2 is not available ({exc.strerror}): Linux 5.6 or newer is needed", Exit.FUSE
+        ) from None
+    finally:
+        src.close()
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    source = os.path.abspath(args.source)
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_source(source)
+    check_mountpoint(mountpoint, source)
+    consumer = resolve_owner(args.owner)
+    check_fuse(args.allow_other)
+    check_openat2(source)
+    if consumer.uid != os.geteuid() and not args.allow_other:
+        log.warning(
+            "owner uid %d is not the daemon's user: "
+            "without --allow-other it cannot reach the mount",
+            consumer.uid,
+        )
+    return Config(
+        source=source,
+        mountpoint=mountpoint,
+        consumer=consumer,
+        allow_other=args.allow_other,
+        timeout=300.0 if args.timeout is None else args.timeout,
+        debug=args.debug,
+    )
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("noatimefs[%(process)d] %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_mount_options(args, parser)
+    setup_logging(args.debug)
+    try:
+        config = make_config(args)
+        from noatimefs import mount
+
+        return mount.run(config)
+    except QuietError as exc:
+        print(f"noatimefs: error: {exc.message}", file=sys.stderr)
+        return int(exc.exitcode)
+    except Exception:
+        log.exception("internal error")
+        return int(Exit.INTERNAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

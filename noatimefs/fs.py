@@ -1,0 +1,423 @@
+"""The FUSE adapter: pyfuse3 requests in, policy decisions and SOURCE calls out.
+
+This module is a protocol adapter only. What to present and what to do with an
+open's flags is decided in :mod:`noatimefs.policy`; which inodes the kernel
+knows is kept in :mod:`noatimefs.inodes`; every path is resolved beneath SOURCE
+by :mod:`noatimefs.source`, never through a symlink.
+
+Caveats
+-------
+* Read-only: every request that would write answers ``EROFS`` (the mount is
+  ``ro`` too, so the kernel refuses most of them before asking).
+* ``opendir`` receives no open flags from pyfuse3, so a directory's
+  ``O_NOATIME`` cannot be seen: directories are always opened without it and
+  are not counted as kept or dropped. (The kernel has already let the open
+  through, the presented owner being the caller.)
+* Entries are presented by the rule in :mod:`noatimefs.policy`; POSIX ACLs of
+  SOURCE are not consulted.
+* ``.`` and ``..`` are not listed by readdir and ``..`` is never looked up
+  (no NFS export support).
+* An entry renamed or replaced in SOURCE behind a remembered inode answers
+  ``ESTALE``; the kernel then looks the path up afresh.
+
+Concurrency contract
+--------------------
+pyfuse3 runs each request as a trio task. The only ``await`` in a handler is
+the hand-off of a read that would block on the disk to a worker thread; every
+other handler runs to completion without yielding, so the inode table, the
+handle tables and the counters are never seen half-updated and need no lock.
+A read awaiting its thread holds only its own descriptor, which cannot be
+closed under it: the kernel sends ``release`` only after every read on the
+handle has been answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import psutil
+import pyfuse3
+import trio
+
+from noatimefs import policy, procinfo
+from noatimefs.inodes import ROOT_ID, InodeTable, Node
+from noatimefs.source import O_PATH, Source, proc_path
+from noatimefs.stats import Stats
+
+log = logging.getLogger(__name__)
+
+#: The virtual, read-only xattr on the mount root that reports the daemon's state.
+STATUS_XATTR = b"user.noatimefs.status"
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Map an ``OSError`` from SOURCE to the ``FUSEError`` the caller gets."""
+    try:
+        yield
+    except OSError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+
+def _stale() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.ESTALE)
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass
+class _DirHandle:
+    node: Node
+    entries: list[tuple[bytes, os.stat_result]]
+
+
+class NoatimeFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        source: Source,
+        consumer: policy.Consumer,
+        *,
+        timeout: float = 300.0,
+        daemon_uid: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.consumer = consumer
+        self.timeout = timeout
+        self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+        self.inodes = InodeTable(os.stat(source.root_fd))
+        self.files: dict[int, Node] = {}  # fh (the backing fd) -> node
+        self.dirs: dict[int, _DirHandle] = {}
+        self._dir_ids = itertools.count(1)
+        self.stats = Stats()
+
+    # -- helpers ---------------------------------------------------------
+
+    def _node(self, node_id: int) -> Node:
+        try:
+            return self.inodes.get(node_id)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        uid, gid, mode = policy.present(st.st_mode, st.st_uid, st.st_gid, self.consumer)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.id
+        attr.generation = node.gen
+        attr.entry_timeout = self.timeout
+        attr.attr_timeout = self.timeout
+        attr.st_mode = mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = uid
+        attr.st_gid = gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = st.st_blksize
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _open_dir(self, node: Node) -> int:
+        """An ``O_PATH`` descriptor on directory *node*, checked to still be it."""
+        if node is self.inodes.root:
+            return os.dup(self.source.root_fd)
+        fd = self.source.open(node.path(), O_PATH | os.O_DIRECTORY)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            raise _stale()
+        return fd
+
+    def _lstat_child(self, parent: Node, name: bytes) -> os.stat_result:
+        if parent is self.inodes.root:
+            return os.stat(name, dir_fd=self.source.root_fd, follow_symlinks=False)
+        fd = self._open_dir(parent)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def _open_node(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
+        """Open *node* itself (no trailing symlink followed) and check it is still it."""
+        fd = self.source.open(node.path(), flags | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            raise _stale()
+        return fd, st
+
+    def _may(self, required: int, st: os.stat_result, ctx: pyfuse3.RequestContext) -> bool:
+        """Re-check the caller's real access to the source entry (policy docstring)."""
+        groups = frozenset((ctx.gid,))
+        if policy.needs_groups(st.st_mode, st.st_uid, st.st_gid, ctx.uid, ctx.gid):
+            groups |= procinfo.groups(ctx.pid)
+        return policy.may_access(required, st.st_mode, st.st_uid, st.st_gid, ctx.uid, groups)
+
+    # -- lookups and attributes ------------------------------------------
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        with _errors():
+            st = self._lstat_child(parent, name)
+        node = self.inodes.remember(parent, name, st)
+        return self._entry(node, st)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for node_id, nlookup in inode_list:
+            self.inodes.forget(node_id, nlookup)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        with _errors():
+            if node is self.inodes.root:
+                st = os.stat(self.source.root_fd)
+            else:
+                assert node.parent is not None
+                st = self._lstat_child(node.parent, node.name)
+        if (st.st_dev, st.st_ino) != node.key:
+            raise _stale()
+        if self.inodes.refresh(node, st):
+            raise _stale()  # maybe a new file under a recycled number: look it up afresh
+        return self._entry(node, st)
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        with _errors():
+            fd, _ = self._open_node(node, O_PATH)
+            try:
+                return os.readlink(b"", dir_fd=fd)
+            finally:
+                os.close(fd)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with _errors():
+            sv = self.source.statvfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = sv.f_bsize
+        data.f_frsize = sv.f_frsize
+        data.f_blocks = sv.f_blocks
+        data.f_bfree = sv.f_bfree
+        data.f_bavail = sv.f_bavail
+        data.f_files = sv.f_files
+        data.f_ffree = sv.f_ffree
+        data.f_favail = sv.f_favail
+        data.f_namemax = sv.f_namemax
+        return data
+
+    # -- files -----------------------------------------------------------
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        if policy.is_write(flags):
+            raise _erofs()
+        node = self._node(inode)
+        with _errors():
+            fd, st = self._open_node(node, os.O_RDONLY)
+        try:
+            decision = policy.decide_open(flags, ctx.uid, st.st_uid, self.daemon_uid)
+            if not self._may(decision.required, st, ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            if decision.noatime is policy.Noatime.KEPT:
+                with _errors():
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+                self.stats.kept(ctx.pid)
+            elif decision.noatime is policy.Noatime.DROPPED:
+                self.stats.dropped(ctx.pid, ctx.uid, node.path(), st.st_uid)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.stats.opens += 1
+        node.opens += 1
+        self.files[fd] = node
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        buf = bytearray(size)
+        done = 0
+        with _errors():
+            # Serve from the page cache without a thread hand-off when we can;
+            # hand the rest to a worker so a slow disk stalls only this caller.
+            try:
+                while done < size:
+                    n = os.preadv(fh, [memoryview(buf)[done:]], off + done, os.RWF_NOWAIT)
+                    if n == 0:
+                        return bytes(buf[:done])
+                    done += n
+            except BlockingIOError:
+                rest = await trio.to_thread.run_sync(os.pread, fh, size - done, off + done)
+                buf[done : done + len(rest)] = rest
+                done += len(rest)
+        return bytes(buf[:done])
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        node = self.files.pop(fh, None)
+        if node is not None:
+            node.opens -= 1
+        with _errors():
+            os.close(fh)
+
+    # -- directories -----------------------------------------------------
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self._node(inode)
+        with _errors():
+            fd, st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if not self._may(policy.R_OK, st, ctx):
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                entries = self._list(fd)
+            finally:
+                os.close(fd)
+        fh = next(self._dir_ids)
+        node.opens += 1
+        self.dirs[fh] = _DirHandle(node, entries)
+        return pyfuse3.FileHandleT(fh)
+
+    @staticmethod
+    def _list(fd: int) -> list[tuple[bytes, os.stat_result]]:
+        """Names and lstat results of the directory open on *fd*, in readdir order."""
+        entries = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since it was listed
+                entries.append((os.fsencode(entry.name), st))
+        return entries
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        handle = self.dirs[fh]
+        parent = handle.node
+        entries = handle.entries
+        for index in range(start_id, len(entries)):
+            name, st = entries[index]
+            node = self.inodes.remember(parent, name, st)
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
+                self.inodes.forget(node.id, 1)
+                break
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        handle = self.dirs.pop(fh, None)
+        if handle is not None:
+            handle.node.opens -= 1
+
+    # -- extended attributes ---------------------------------------------
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        if inode == ROOT_ID and name == STATUS_XATTR:
+            return self.status_json()
+        node = self._node(inode)
+        with _errors():
+            fd, st = self._open_node(node, O_PATH)
+            try:
+                if stat.S_ISLNK(st.st_mode):
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+                return os.getxattr(proc_path(fd), name)
+            finally:
+                os.close(fd)
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        node = self._node(inode)
+        with _errors():
+            fd, st = self._open_node(node, O_PATH)
+            try:
+                if stat.S_ISLNK(st.st_mode):
+                    return []
+                names = os.listxattr(proc_path(fd))
+            finally:
+                os.close(fd)
+        return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in names]
+
+    # -- the daemon's state ----------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        proc = psutil.Process()
+        return {
+            "pid": os.getpid(),
+            "source": self.source.path,
+            "owner": self.consumer.uid,
+            "rss": proc.memory_info().rss,
+            "fds": proc.num_fds(),
+            "inodes": len(self.inodes),
+            "handles": len(self.files) + len(self.dirs),
+            **self.stats.as_dict(),
+        }
+
+    def status_json(self) -> bytes:
+        return json.dumps(self.status(), sort_keys=True).encode()
+
+    # -- everything that would write -------------------------------------
+
+    async def setattr(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mknod(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mkdir(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def rmdir(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def symlink(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def rename(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def link(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _erofs()
+
+    async def write(self, *args: object, **kwargs: object) -> int:
+        raise _erofs()
+
+    async def setxattr(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def removexattr(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()

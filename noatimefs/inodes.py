@@ -1,0 +1,147 @@
+"""The inode table: which backing objects the kernel remembers, under which numbers.
+
+What is kept per remembered inode (a :class:`Node`, ``__slots__``, no descriptor):
+its FUSE node id, the backing identity ``(st_dev, st_ino)``, one name it was
+last seen under (a reference to the parent :class:`Node` plus the name), the
+kernel's lookup count, a generation, the backing ``st_ctime_ns`` and how many
+handles are open on it. Paths are rebuilt from the parent chain when needed,
+so a node costs a few hundred bytes and holds no descriptor: the daemon pins
+nothing in SOURCE beyond what callers hold open.
+
+Node ids are stable: a pure function of the backing identity. On SOURCE's own
+filesystem the id *is* the backing ``st_ino`` (so ``stat`` through the mount
+shows the source's inode numbers and a hard link is one inode); entries of
+another filesystem mounted inside SOURCE get ``(n << 48) | st_ino`` with ``n``
+numbering the devices in order of discovery. Identities that fit neither
+scheme (huge inode numbers, inode 1, too many devices) get ids from a counter
+above ``1 << 63``, remembered for the daemon's life. The root is always 1.
+
+Recycled backing inode numbers: when a lookup finds the identity it remembers
+but with another file type, or (for a non-directory no handle is open on) with
+another ``st_ctime_ns``, the backing inode may be a new file that reused the
+number. The node's generation is bumped, and since the kernel compares the
+generation of every entry reply with the inode it holds (``fuse_stale_inode``),
+it retires the old inode and its page cache instead of serving the old bytes
+under the new name. A file with an open handle cannot have its number reused
+(the handle keeps the old inode alive), so open files are never disturbed.
+
+A node whose lookup count drops to zero is removed from the table; children
+still remembered keep it alive through their parent reference, so their paths
+can always be rebuilt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+from collections.abc import Iterator
+
+ROOT_ID = 1
+_DEV_SHIFT = 48
+_INO_MASK = (1 << _DEV_SHIFT) - 1
+_MAX_DEVS = (1 << 15) - 1
+_SPILL_BASE = 1 << 63
+
+
+class Node:
+    __slots__ = ("id", "key", "parent", "name", "nlookup", "gen", "ctime_ns", "fmt", "opens")
+
+    def __init__(
+        self,
+        node_id: int,
+        key: tuple[int, int],
+        parent: Node | None,
+        name: bytes,
+        st: os.stat_result,
+    ) -> None:
+        self.id = node_id
+        self.key = key
+        self.parent = parent
+        self.name = name
+        self.nlookup = 0
+        self.gen = 0
+        self.ctime_ns = st.st_ctime_ns
+        self.fmt = stat.S_IFMT(st.st_mode)
+        self.opens = 0
+
+    def path(self) -> bytes:
+        """The path relative to SOURCE this node was last seen under (``b""``: root)."""
+        parts = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        parts.reverse()
+        return b"/".join(parts)
+
+
+class InodeTable:
+    def __init__(self, root_st: os.stat_result) -> None:
+        self._root_dev = root_st.st_dev
+        self._devs: dict[int, int] = {root_st.st_dev: 0}
+        self._spill: dict[tuple[int, int], int] = {}
+        self._spill_ids = itertools.count(_SPILL_BASE)
+        self.root = Node(ROOT_ID, (root_st.st_dev, root_st.st_ino), None, b"", root_st)
+        self.root.nlookup = 1  # the kernel never forgets the root
+        self._nodes: dict[int, Node] = {ROOT_ID: self.root}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._nodes.values())
+
+    def get(self, node_id: int) -> Node:
+        """The node with *node_id*; ``KeyError`` if the kernel cannot know it."""
+        return self._nodes[node_id]
+
+    def node_id(self, key: tuple[int, int]) -> int:
+        """The stable node id of the backing identity *key*."""
+        if key == self.root.key:
+            return ROOT_ID
+        dev, ino = key
+        index = self._devs.get(dev)
+        if index is None and len(self._devs) <= _MAX_DEVS:
+            index = self._devs[dev] = len(self._devs)
+        if index is not None and 1 < ino <= _INO_MASK:
+            return (index << _DEV_SHIFT) | ino
+        spilled = self._spill.get(key)
+        if spilled is None:
+            spilled = self._spill[key] = next(self._spill_ids)
+        return spilled
+
+    def remember(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """Record that the kernel now knows *name* in *parent* (lookup count + 1)."""
+        key = (st.st_dev, st.st_ino)
+        node_id = self.node_id(key)
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = Node(node_id, key, parent, name, st)
+        else:
+            if node is not self.root:
+                node.parent = parent
+                node.name = name
+            self.refresh(node, st)
+        node.nlookup += 1
+        return node
+
+    def refresh(self, node: Node, st: os.stat_result) -> bool:
+        """Update *node* from a fresh stat; True if it may be a new file (generation bumped)."""
+        fmt = stat.S_IFMT(st.st_mode)
+        recycled = fmt != node.fmt or (
+            st.st_ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
+        )
+        if recycled and node is not self.root:
+            node.gen += 1
+        node.fmt = fmt
+        node.ctime_ns = st.st_ctime_ns
+        return recycled
+
+    def forget(self, node_id: int, nlookup: int) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node is self.root:
+            return
+        node.nlookup -= nlookup
+        if node.nlookup <= 0:
+            del self._nodes[node_id]

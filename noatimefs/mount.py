@@ -1,0 +1,121 @@
+"""Life cycle: mount, serve until unmounted or signalled, clean up.
+
+Validation happens before this module is reached (:mod:`noatimefs.cli`).
+A clean stop -- SIGTERM, SIGINT, SIGHUP, or an external ``fusermount3 -u`` /
+``umount`` -- unmounts and returns 0. A crash (an exception escaping a handler
+ends ``pyfuse3.main()``) deliberately leaves the mount *dead*: callers get
+``ENOTCONN`` instead of an empty directory where a store should be, and the log
+names the one command that clears it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from noatimefs import policy
+from noatimefs.errors import Exit, QuietError
+from noatimefs.fs import NoatimeFS
+from noatimefs.source import Source
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass
+class Config:
+    source: str  # absolute
+    mountpoint: str  # absolute
+    consumer: policy.Consumer
+    allow_other: bool = False
+    timeout: float = 300.0
+    debug: bool = False
+    extra_options: frozenset[str] = field(default_factory=frozenset)
+
+
+def _escape(value: str) -> str:
+    """Escape a value for libfuse's comma-separated option list."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def fuse_options(config: Config) -> set[str]:
+    options = {
+        f"fsname={_escape(config.source)}",
+        "subtype=noatimefs",
+        "ro",
+        "default_permissions",
+        *config.extra_options,
+    }
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug:
+        options.add("debug")
+    return options
+
+
+async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def run(config: Config, ready: Callable[[], None] | None = None) -> int:
+    """Mount, serve, unmount; the exit status of the daemon."""
+    source = Source(config.source)
+    try:
+        ops = NoatimeFS(source, config.consumer, timeout=config.timeout)
+        try:
+            pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+        except RuntimeError as exc:
+            raise QuietError(
+                f"cannot mount {config.mountpoint}: {exc} (see the libfuse message above)",
+                Exit.FUSE,
+            ) from None
+        log.info(
+            "mounted %s at %s (presented owner uid %d%s), pid %d",
+            config.source,
+            config.mountpoint,
+            config.consumer.uid,
+            ", allow_other" if config.allow_other else "",
+            os.getpid(),
+        )
+        clean = False
+        try:
+            if ready is not None:
+                ready()
+            trio.run(_serve)
+            clean = True
+        except Exception:
+            log.exception("noatimefs crashed; the mount at %s is left dead", config.mountpoint)
+            log.error("recover with: fusermount3 -u %s", config.mountpoint)
+            return Exit.INTERNAL
+        finally:
+            pyfuse3.close(unmount=clean)
+        stats = ops.stats
+        log.info(
+            "unmounted %s; %d opens, O_NOATIME kept %d, dropped %d",
+            config.mountpoint,
+            stats.opens,
+            stats.noatime_kept,
+            stats.noatime_dropped,
+        )
+        return Exit.OK
+    finally:
+        source.close()

@@ -1,0 +1,185 @@
+"""Pure policy: what to do with an open's flags, which owner and mode to present.
+
+Nothing here touches the filesystem; every decision is a function of numbers so
+it can be read and unit-tested without a mount (tests/test_policy.py).
+
+The presentation rule
+---------------------
+The kernel refuses ``O_NOATIME`` (``EPERM``) before the daemon hears of the
+open unless the caller owns the inode *as presented*. So entries must be
+presented as owned by the consumer (``--owner``, called O below) for the daemon
+ever to see, and drop, the flag. Presenting ownership must never grant access
+the source would refuse (DESIGN.md, "What follows"), and fact 8 of DESIGN.md
+says ownership itself is a grant: the root of a user namespace that O makes
+with ``unshare -r`` holds ``CAP_DAC_OVERRIDE`` over every inode whose uid *and*
+gid map into that namespace. Hence, per entry, with ``a`` the permission bits
+of the class (owner, group or other) that O falls in on the source:
+
+1. An entry O can *use* on the source -- a regular file O may read, a directory
+   O may read and search, or a symlink -- is presented as
+
+   * uid: O (so O's ``O_NOATIME`` opens reach the daemon);
+   * gid: the real gid (never O's group: a gid that maps into O's namespaces
+     is what turns ownership into capabilities);
+   * mode: owner bits exactly ``a``; group and other bits as on the source;
+     setuid/setgid dropped; for a file O may not execute, every x bit cleared,
+     so that neither O nor O's namespace root (whose ``CAP_DAC_OVERRIDE``
+     executes anything with some x bit) can execute what O could not.
+
+   Whatever O's namespace root gains over such an entry is read (and search)
+   access that O already had, plus write access that the read-only mount
+   refuses with ``EROFS``.
+
+2. Anything else keeps its real uid, gid and mode. O's access to it is then
+   decided by the same bits as on the source, and O's namespace root gets no
+   capability over it that it would not have over the source (the uid and gid
+   are the source's).
+
+Consequences: O sees exactly its access on the source. Any other user U falls
+into the group or other class of the presented entry, which carry the source's
+bits; so U never gets more than on the source, and the real owner of an entry
+presented as O's may get *less* through the mount (it loses its owner bits;
+root loses nothing, having ``CAP_DAC_OVERRIDE``). POSIX ACLs of the source are
+not consulted (a store has none): a caller granted access only by an ACL entry
+is refused through the mount, never the reverse.
+
+The daemon re-checks a caller's real access to the source on every open and
+opendir (:func:`may_open`), so even a presentation bug could not hand out bytes
+the source would refuse.
+
+The O_NOATIME rule
+------------------
+It mirrors overlayfs's own later fix (``ovl_open_realfile`` drops the flag when
+``!inode_owner_or_capable``): the backing open keeps ``O_NOATIME`` only when the
+caller could have used it on the source (it owns the backing file, or is root)
+*and* the daemon can honour it (it owns the file, or is privileged). Otherwise
+the flag is dropped silently; an open never fails because of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import stat
+from dataclasses import dataclass
+
+R_OK, W_OK, X_OK = 4, 2, 1
+
+#: The kernel's ``__FMODE_EXEC``, set in the flags of the open done by execve().
+FMODE_EXEC = 0o40
+
+#: Open flags that ask for a write, or for a change to the file.
+_WRITE_FLAGS = os.O_CREAT | os.O_TRUNC | os.O_EXCL | getattr(os, "O_TMPFILE", 0)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """The presented owner O: a uid and the groups it is a member of."""
+
+    uid: int
+    groups: frozenset[int]
+
+
+def class_bits(mode: int, file_uid: int, file_gid: int, uid: int, groups: frozenset[int]) -> int:
+    """The rwx bits (0-7) of the class *uid* falls in, as the kernel picks it.
+
+    Owner if the uid matches, else group if any of *groups* matches, else other.
+    Capabilities are not considered: root's bits are its class's bits too.
+    """
+    if uid == file_uid:
+        return (mode >> 6) & 7
+    if file_gid in groups:
+        return (mode >> 3) & 7
+    return mode & 7
+
+
+def usable(mode: int, bits: int) -> bool:
+    """Whether *bits* let their holder use the entry: read a file, list+search a dir."""
+    if stat.S_ISDIR(mode):
+        return bits & (R_OK | X_OK) == R_OK | X_OK
+    if stat.S_ISREG(mode):
+        return bool(bits & R_OK)
+    return stat.S_ISLNK(mode)
+
+
+@functools.lru_cache(maxsize=4096)
+def present(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -> tuple[int, int, int]:
+    """The (uid, gid, mode) an entry is presented with; see the module docstring."""
+    bits = class_bits(mode, file_uid, file_gid, consumer.uid, consumer.groups)
+    if not usable(mode, bits):
+        return file_uid, file_gid, mode
+    if stat.S_ISLNK(mode):
+        return consumer.uid, file_gid, mode
+    group_other = mode & 0o077
+    if stat.S_ISREG(mode) and not bits & X_OK:
+        group_other &= ~0o011
+    perm = (bits << 6) | group_other | (mode & stat.S_ISVTX)
+    return consumer.uid, file_gid, stat.S_IFMT(mode) | perm
+
+
+class Noatime(enum.Enum):
+    """What became of an open's ``O_NOATIME``."""
+
+    ABSENT = "absent"  # the caller did not ask for it
+    KEPT = "kept"  # passed on to the backing open
+    DROPPED = "dropped"  # silently removed
+
+
+@dataclass(frozen=True)
+class OpenDecision:
+    flags: int  # the flags for the backing open
+    noatime: Noatime
+    required: int  # the access (R_OK or X_OK) the caller needs on the source
+
+
+def is_write(flags: int) -> bool:
+    """Whether an open with *flags* would write or change the file."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & _WRITE_FLAGS)
+
+
+def decide_open(flags: int, caller_uid: int, file_uid: int, daemon_uid: int) -> OpenDecision:
+    """The backing open for a (read-only) open request with *flags*.
+
+    The backing open is always ``O_RDONLY | O_CLOEXEC``: nothing else a reader
+    may ask for (``O_DIRECT``, ``O_SYNC``, ``O_NONBLOCK``, ``O_APPEND``) changes
+    what a read of a regular file returns, and ``O_DIRECT`` would impose
+    alignment on the daemon's buffers. ``O_NOATIME`` is kept only when both the
+    caller and the daemon may use it on the backing file.
+    """
+    backing = os.O_RDONLY | os.O_CLOEXEC
+    required = X_OK if flags & FMODE_EXEC else R_OK
+    if not flags & os.O_NOATIME:
+        return OpenDecision(backing, Noatime.ABSENT, required)
+    caller_may = caller_uid in (0, file_uid)
+    daemon_may = daemon_uid in (0, file_uid)
+    if caller_may and daemon_may:
+        return OpenDecision(backing | os.O_NOATIME, Noatime.KEPT, required)
+    return OpenDecision(backing, Noatime.DROPPED, required)
+
+
+def may_access(
+    required: int, mode: int, file_uid: int, file_gid: int, uid: int, groups: frozenset[int]
+) -> bool:
+    """Whether a caller (*uid*, *groups*) has *required* access to a source entry.
+
+    Root may do anything except execute a file no x bit allows, as in the
+    kernel's ``generic_permission``.
+    """
+    if uid == 0:
+        if required & X_OK and not stat.S_ISDIR(mode):
+            return bool(mode & 0o111)
+        return True
+    bits = class_bits(mode, file_uid, file_gid, uid, groups)
+    return bits & required == required
+
+
+def needs_groups(mode: int, file_uid: int, file_gid: int, uid: int, gid: int) -> bool:
+    """Whether deciding access needs the caller's supplementary groups.
+
+    Only when the caller is neither root, the owner, nor in the file's group by
+    its primary gid, *and* the group bits differ from the other bits.
+    """
+    if uid in (0, file_uid) or gid == file_gid:
+        return False
+    return (mode >> 3) & 7 != mode & 7

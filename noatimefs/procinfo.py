@@ -1,0 +1,55 @@
+"""Facts about the processes that call the filesystem (psutil). Never raises."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+_CACHE_MAX = 4096
+_names: dict[int, str] = {}
+
+
+def name(pid: int) -> str:
+    """The process name of *pid* (``comm``), or ``"?"`` when it is gone.
+
+    Cached per pid; the cache is dropped whole when it grows past a few
+    thousand pids, which bounds both its size and the damage of pid reuse.
+    """
+    cached = _names.get(pid)
+    if cached is not None:
+        return cached
+    try:
+        found = str(psutil.Process(pid).name())
+    except (psutil.Error, OSError, ValueError):
+        return "?"
+    if len(_names) >= _CACHE_MAX:
+        _names.clear()
+    _names[pid] = found
+    return found
+
+
+def describe(pid: int) -> str:
+    """``"1234 (qemu-system-x86)"``: how a caller is named in the log."""
+    return f"{pid} ({name(pid)})"
+
+
+def groups(pid: int) -> frozenset[int]:
+    """The supplementary groups of *pid*, empty when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+def forget(pid: int) -> None:
+    """Drop what is cached about *pid*."""
+    _names.pop(pid, None)
+
+
+def self_description() -> str:
+    return describe(os.getpid())

@@ -1,0 +1,121 @@
+"""Safe access to SOURCE: every path is resolved beneath it, never through a symlink.
+
+The daemon keeps one descriptor, on SOURCE's root, for its whole life. Every
+other backing object is reached with ``openat2(root, relative_path, ...)`` and
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``: a symlink
+anywhere on the way (say a directory of SOURCE swapped for a link to /etc) makes
+the call fail with ``ELOOP`` instead of leaving SOURCE, and ``..`` cannot climb
+out. The descriptors it returns are short-lived, so the daemon pins nothing in
+SOURCE that no caller has open (a store's garbage collector treats every open
+descriptor as a root).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+_EAGAIN_RETRIES = 3
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int = _RESOLVE) -> int:
+    """``openat2(2)``; raises ``OSError`` like ``os.open``."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    fd = _syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(_HOW_SIZE),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return int(fd)
+
+
+class Source:
+    """SOURCE, held open by one ``O_PATH`` descriptor on its root."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.root_fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def check_openat2(self) -> None:
+        """Raise ``OSError(ENOSYS)`` when the kernel lacks openat2 (Linux < 5.6)."""
+        os.close(self.open(b".", O_PATH))
+
+    def open(self, relpath: bytes, flags: int) -> int:
+        """Open *relpath* (``b"."`` for the root) beneath SOURCE, following no symlink.
+
+        With ``O_PATH | O_NOFOLLOW`` a trailing symlink is opened itself. The
+        kernel answers ``EAGAIN`` when a rename raced the resolution; that is
+        retried a few times before it is passed on.
+        """
+        for _ in range(_EAGAIN_RETRIES):
+            try:
+                return openat2(self.root_fd, relpath or b".", flags)
+            except BlockingIOError:
+                continue
+        return openat2(self.root_fd, relpath or b".", flags)
+
+    def lstat(self, relpath: bytes) -> os.stat_result:
+        """``lstat`` of *relpath* beneath SOURCE, following no symlink on the way."""
+        if not relpath:
+            return os.stat(self.root_fd)
+        parent, _, name = relpath.rpartition(b"/")
+        if not parent:
+            return os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
+        fd = self.open(parent, O_PATH | os.O_DIRECTORY)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def lstat_in(self, dir_relpath: bytes, name: bytes) -> os.stat_result:
+        """``lstat`` of *name* in the directory *dir_relpath*."""
+        return self.lstat(dir_relpath + b"/" + name if dir_relpath else name)
+
+    def readlink(self, relpath: bytes) -> bytes:
+        parent, _, name = relpath.rpartition(b"/")
+        fd = self.open(parent, O_PATH | os.O_DIRECTORY) if parent else os.dup(self.root_fd)
+        try:
+            return os.readlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root_fd)
+
+
+def proc_path(fd: int) -> str:
+    """The ``/proc/self/fd`` path of *fd*, through which ``O_PATH`` descriptors take xattr calls."""
+    return f"/proc/self/fd/{fd}"
+
+
+def is_enoent(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

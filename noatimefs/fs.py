@@ -361,6 +361,9 @@ class NoatimeFS(pyfuse3.Operations):
 
     # -- the daemon's state ----------------------------------------------
 
+    async def background(self) -> None:
+        """Work beside the request loop (started by :mod:`noatimefs.mount`)."""
+
     def status(self) -> dict[str, object]:
         proc = psutil.Process()
         return {

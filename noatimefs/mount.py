@@ -69,9 +69,10 @@ async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_
             return
 
 
-async def _serve() -> None:
+async def _serve(ops: NoatimeFS) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal)
+        nursery.start_soon(ops.background)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -100,7 +101,7 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
         try:
             if ready is not None:
                 ready()
-            trio.run(_serve)
+            trio.run(_serve, ops)
             clean = True
         except Exception:
             log.exception("noatimefs crashed; the mount at %s is left dead", config.mountpoint)

@@ -1,0 +1,154 @@
+"""The store-tree generator, and a small-scale run of bench/run.py (so it cannot rot).
+
+The benchmark's timings are never judged here: only that every mode mounts,
+every workload's output matches native's, and nothing is left mounted or
+running afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from noatimefs import storegen
+
+REPO = Path(__file__).resolve().parent.parent
+CI = os.environ.get("CI") == "true"
+
+
+def _listing(root: Path) -> list[tuple[str, int, int, str, bytes]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else ""
+            data = p.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out.append((str(p.relative_to(root)), st.st_mode, st.st_size, target, data))
+    return sorted(out)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="noatimefs-bench-test."))
+    d.chmod(0o755)  # the benchmark's consumer user must reach the mountpoints
+    try:
+        yield d
+    finally:
+        for entry in d.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                storegen.remove_tree(entry)
+        shutil.rmtree(d)
+
+
+def test_storegen_is_deterministic_and_store_like(scratch: Path) -> None:
+    a = storegen.generate(scratch / "a", paths=40, files_per_path=6, big_files=1, big_size=1 << 16)
+    b = storegen.generate(scratch / "b", paths=40, files_per_path=6, big_files=1, big_size=1 << 16)
+    assert a.entries == b.entries > 40 * 6
+    assert a.symlinks > 0
+    assert a.big_files == b.big_files
+    assert _listing(scratch / "a") == _listing(scratch / "b")
+
+    for name in os.listdir(scratch / "a"):
+        h, _, rest = name.partition("-")
+        assert len(h) == 32
+        assert set(h) <= set(storegen.NIX_BASE32)
+        assert rest
+    for path, mode, _size, target, _ in _listing(scratch / "a"):
+        perm = stat.S_IMODE(mode)
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            assert perm in (0o444, 0o555), path
+        if target:  # links stay inside the tree
+            resolved = (scratch / "a" / path).parent.joinpath(target).resolve()
+            assert resolved.is_relative_to((scratch / "a").resolve()), (path, target)
+            assert resolved.exists(), (path, target)
+    assert (scratch / "a" / a.big_files[0]).stat().st_size == 1 << 16
+
+
+def test_storegen_more_paths_extend_fewer(scratch: Path) -> None:
+    storegen.generate(scratch / "few", paths=10, seed=7)
+    storegen.generate(scratch / "many", paths=25, seed=7)
+    few = _listing(scratch / "few")
+    many = {e[0]: e for e in _listing(scratch / "many")}
+    assert all(many[e[0]] == e for e in few)
+    other = storegen.generate(scratch / "other", paths=10, seed=8)
+    assert other.paths == 10
+    assert _listing(scratch / "other") != few
+
+
+def test_storegen_entries_and_cache(scratch: Path) -> None:
+    s = storegen.ensure_tree(scratch / "t", entries=500, max_file_size=0, seed=3)
+    assert s.entries >= 500
+    assert s.bytes == 0
+    marker = scratch / "t" / os.listdir(scratch / "t")[0]
+    before = marker.lstat()
+    again = storegen.ensure_tree(scratch / "t", entries=500, max_file_size=0, seed=3)
+    assert again == s
+    after = marker.lstat()
+    assert (after.st_ino, after.st_ctime_ns) == (before.st_ino, before.st_ctime_ns)
+    with pytest.raises(FileExistsError):
+        storegen.generate(scratch / "t")
+
+
+def _fuse_ready() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for what in ("/dev/fuse", shutil.which("fusermount3"), shutil.which("bindfs")):
+        if not what or not os.path.exists(what):
+            return f"missing {what or 'fusermount3/bindfs'}"
+    return None
+
+
+@pytest.mark.mount
+def test_bench_small_outputs_match_native(scratch: Path) -> None:
+    why = _fuse_ready()
+    if why:
+        if CI:
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
+    have_noatimefs = importlib.util.find_spec("noatimefs.cli") is not None
+    required = ["native", "bindfs", "bindfs-tuned", "floor"] + ["noatimefs"] * have_noatimefs
+    out = scratch / "bench.out"
+    result = scratch / "result.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "run.py"),
+        "--small",
+        "--reps=1",
+        "--opens=300",
+        f"--cache={scratch / 'cache'}",
+        f"--out={scratch / 'results'}",
+        f"--json={result}",
+        f"--require={','.join(required)}",
+    ]
+    with open(out, "wb") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
+    log = out.read_text(errors="replace")
+    assert rc == 0, log
+    data = json.loads(result.read_text())
+    assert set(required) <= set(data["modes"]), log
+    runs = data["runs"]
+    assert {r["workload"] for r in runs} == {
+        "find",
+        "stat",
+        "small_read",
+        "big_seq",
+        "big_par2",
+        "open20k",
+    }
+    assert [r for r in runs if not r["ok"]] == [], log
+    assert len(runs) == 6 * 2 * len(data["modes"])
+    assert list((scratch / "results").glob("*.md")), log
+    with open("/proc/self/mountinfo") as f:
+        assert str(scratch) not in f.read()
+    assert not list((scratch / "cache").glob("mnt.*"))

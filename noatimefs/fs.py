@@ -52,6 +52,15 @@ from noatimefs import policy, procinfo
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
+from noatimefs.watch import (
+    GONE,
+    IN_ATTRIB,
+    IN_DELETE_SELF,
+    IN_MOVE_SELF,
+    IN_Q_OVERFLOW,
+    Event,
+    TopLevelWatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +371,43 @@ class NoatimeFS(pyfuse3.Operations):
     # -- the daemon's state ----------------------------------------------
 
     async def background(self) -> None:
-        """Work beside the request loop (started by :mod:`noatimefs.mount`)."""
+        """Watch SOURCE's top level and invalidate what the kernel caches of it.
+
+        Started by :mod:`noatimefs.mount` beside the request loop, once mounted.
+        """
+        try:
+            watch = TopLevelWatch(self.source.root_fd)
+        except OSError as exc:
+            log.warning(
+                "cannot watch SOURCE's top level (%s): removed paths stay visible for up to %gs",
+                exc.strerror,
+                self.timeout,
+            )
+            return
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watch.fd)
+                for event in watch.read():
+                    self.on_top_level_event(event)
+        finally:
+            watch.close()
+
+    def on_top_level_event(self, event: Event) -> None:
+        if event.mask & IN_Q_OVERFLOW:
+            log.warning("inotify queue overflowed: invalidating every top-level entry")
+            for node in list(self.inodes):
+                if node.parent is self.inodes.root:
+                    self._invalidate_top(node.name)
+        elif event.mask & (GONE | IN_ATTRIB) and event.name:
+            self._invalidate_top(event.name)
+        elif event.mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+            log.warning("SOURCE %s itself was removed or moved away", self.source.path)
+
+    def _invalidate_top(self, name: bytes) -> None:
+        self.stats.invalidations += 1
+        pyfuse3.invalidate_entry_async(
+            pyfuse3.InodeT(ROOT_ID), pyfuse3.FileNameT(name), ignore_enoent=True
+        )
 
     def status(self) -> dict[str, object]:
         proc = psutil.Process()

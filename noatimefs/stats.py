@@ -20,6 +20,7 @@ class Stats:
     opens: int = 0
     noatime_kept: int = 0
     noatime_dropped: int = 0
+    invalidations: int = 0
     kept_by_process: Counter[str] = field(default_factory=Counter)
     dropped_by_process: Counter[str] = field(default_factory=Counter)
     _logged: set[int] = field(default_factory=set)
@@ -52,6 +53,7 @@ class Stats:
             "opens": self.opens,
             "noatime_kept": self.noatime_kept,
             "noatime_dropped": self.noatime_dropped,
+            "invalidations": self.invalidations,
             "kept_by_process": dict(self.kept_by_process),
             "dropped_by_process": dict(self.dropped_by_process),
         }

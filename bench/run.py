@@ -193,6 +193,7 @@ class Outcome:
     seconds: float
     signature: str  # compared with native's
     shown: str  # human-readable form of the output (counts)
+    lines: frozenset[bytes] = frozenset()  # listings, to say what differed
 
 
 class Workloads:
@@ -215,17 +216,21 @@ class Workloads:
         return dt, r.stdout, r.stderr
 
     @staticmethod
-    def _listing(out: bytes) -> tuple[str, str]:
+    def _listing(dt: float, out: bytes) -> Outcome:
         lines = sorted(out.splitlines())
-        return hashlib.sha256(b"\n".join(lines)).hexdigest(), f"{len(lines)} lines"
+        digest = hashlib.sha256(b"\n".join(lines)).hexdigest()
+        return Outcome(dt, digest, f"{len(lines)} lines", frozenset(lines))
 
     def find(self, root: str) -> Outcome:
         dt, out, _ = self._run(root, ["find", "."])
-        return Outcome(dt, *self._listing(out))
+        return self._listing(dt, out)
 
     def stat(self, root: str) -> Outcome:
-        dt, out, _ = self._run(root, ["find", ".", "-printf", r"%y %m %s %T@ %p %l\n"])
-        return Outcome(dt, *self._listing(out))
+        # Not the root itself: its mode is SOURCE's own, which a mount may present differently
+        # (noatimefs shows a 0755 root as 0555 to a consumer who may only read and search it).
+        fmt = r"%y %m %s %T@ %p %l\n"
+        dt, out, _ = self._run(root, ["find", ".", "-mindepth", "1", "-printf", fmt])
+        return self._listing(dt, out)
 
     def small_read(self, root: str) -> Outcome:
         excl = f"--exclude={self.big_top}" if self.big_top else ""
@@ -255,6 +260,17 @@ class Workloads:
     def get(self, name: str) -> Callable[[str], Outcome]:
         fn: Callable[[str], Outcome] = getattr(self, name)
         return fn
+
+
+def difference(want: Outcome, got: Outcome) -> str:
+    """One line saying how ``got`` differs from ``want``."""
+    if want.lines or got.lines:
+        missing = sorted(want.lines - got.lines)[:2]
+        extra = sorted(got.lines - want.lines)[:2]
+        text = f"{got.shown}; missing {missing!r}; unexpected {extra!r}"
+    else:
+        text = f"{got.shown}, expected {want.shown}: {got.signature[:300]}"
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def drop_caches() -> None:
@@ -471,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wl = Workloads(summary, args.owner, args.opens, str(listfile))
     caches = ["warm"] if args.no_cold else ["cold", "warm"]
     runs: list[Run] = []
-    expected: dict[str, str] = {}
+    expected: dict[str, Outcome] = {}
     failed_mounts: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="mnt.", dir=cache))
     workdir.chmod(0o755)
@@ -495,9 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             except RuntimeError as e:
                                 o = Outcome(float("nan"), f"error: {e}", "error")
                             cpu = m.cpu() - cpu0 if m.proc else None
-                            ref = expected.setdefault(w, o.signature)
-                            ok = o.signature == ref and not o.signature.startswith("error")
-                            note = "" if ok else f"{o.shown} / {o.signature[:200]}"
+                            ref = expected.setdefault(w, o)
+                            ok = o.signature == ref.signature and o.shown != "error"
+                            note = "" if ok else difference(ref, o)
                             runs.append(Run(rep, w, c, mode, o.seconds, cpu, o.shown, ok, note))
                             i += 1
                             progress(

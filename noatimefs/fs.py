@@ -43,6 +43,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import psutil
 import pyfuse3
@@ -264,21 +265,22 @@ class NoatimeFS(pyfuse3.Operations):
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         buf = bytearray(size)
+        view = memoryview(buf)
         done = 0
         with _errors():
             # Serve from the page cache without a thread hand-off when we can;
             # hand the rest to a worker so a slow disk stalls only this caller.
             try:
                 while done < size:
-                    n = os.preadv(fh, [memoryview(buf)[done:]], off + done, os.RWF_NOWAIT)
+                    n = os.preadv(fh, [view[done:]], off + done, os.RWF_NOWAIT)
                     if n == 0:
-                        return bytes(buf[:done])
+                        break
                     done += n
             except BlockingIOError:
-                rest = await trio.to_thread.run_sync(os.pread, fh, size - done, off + done)
-                buf[done : done + len(rest)] = rest
-                done += len(rest)
-        return bytes(buf[:done])
+                rest = await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
+                done += rest
+        # pyfuse3 replies from any buffer; a view saves copying the data again.
+        return cast(bytes, view[:done])
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         node = self.files.pop(fh, None)

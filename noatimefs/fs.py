@@ -50,6 +50,7 @@ import pyfuse3
 import trio
 
 from noatimefs import policy, procinfo
+from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
@@ -115,6 +116,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
+        self.dir_cache = DirCache(timeout)
 
     # -- helpers ---------------------------------------------------------
 
@@ -295,14 +297,23 @@ class NoatimeFS(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
         node = self._node(inode)
-        with _errors():
-            fd, st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                if not self._may(policy.R_OK, st, ctx):
-                    raise pyfuse3.FUSEError(errno.EACCES)
-                entries = self._list(fd)
-            finally:
-                os.close(fd)
+        listing = None
+        if node is not self.inodes.root:
+            listing = self.dir_cache.get(node.key, node.ctime_ns)
+        if listing is not None:
+            dir_st, entries = listing.dir_st, listing.entries
+        else:
+            with _errors():
+                fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    entries = self._list(fd)
+                finally:
+                    os.close(fd)
+            self.inodes.refresh(node, dir_st)
+            if node is not self.inodes.root:
+                self.dir_cache.put(node.key, dir_st, entries)
+        if not self._may(policy.R_OK, dir_st, ctx):
+            raise pyfuse3.FUSEError(errno.EACCES)
         fh = next(self._dir_ids)
         node.opens += 1
         self.dirs[fh] = _DirHandle(node, entries)

@@ -129,6 +129,8 @@ class InodeTable:
     def refresh(self, node: Node, st: os.stat_result) -> bool:
         """Update *node* from a fresh stat; True if it may be a new file (generation bumped)."""
         fmt = stat.S_IFMT(st.st_mode)
+        if fmt == node.fmt and st.st_ctime_ns < node.ctime_ns:
+            return False  # older news (a cached listing): nothing to learn
         recycled = fmt != node.fmt or (
             st.st_ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
         )

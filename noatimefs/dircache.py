@@ -1,0 +1,68 @@
+"""Directory listings the daemon may serve again without asking SOURCE.
+
+pyfuse3 cannot let the kernel cache directory listings, so every ``ls`` or
+``find`` of a directory costs opendir, readdir and releasedir in the daemon.
+Below SOURCE's top level a store does not change, so a listing (names and
+``lstat`` results) is kept for the same time the kernel may keep entries and
+attributes (``--timeout``), in a cache bounded by its total number of entries.
+
+A listing is only served for the directory it was made from: the caller passes
+the directory's current ``st_ctime_ns`` as known to the inode table, and a
+listing made from another incarnation (a recycled inode number) is a miss.
+SOURCE's top level is never cached: paths come and go there, and a new one
+must be listed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+Key = tuple[int, int]
+
+
+@dataclass(slots=True)
+class Listing:
+    dir_st: os.stat_result
+    entries: list[tuple[bytes, os.stat_result]]
+    expires: float
+
+
+class DirCache:
+    def __init__(self, timeout: float, max_entries: int = 200_000) -> None:
+        self.timeout = timeout
+        self.max_entries = max_entries
+        self._listings: dict[Key, Listing] = {}
+        self._size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def get(self, key: Key, ctime_ns: int) -> Listing | None:
+        listing = self._listings.get(key)
+        if listing is not None:
+            if listing.expires > time.monotonic() and listing.dir_st.st_ctime_ns == ctime_ns:
+                self.hits += 1
+                return listing
+            self.drop(key)
+        self.misses += 1
+        return None
+
+    def put(
+        self, key: Key, dir_st: os.stat_result, entries: list[tuple[bytes, os.stat_result]]
+    ) -> None:
+        if self.timeout <= 0 or len(entries) > self.max_entries:
+            return
+        self.drop(key)
+        while self._listings and self._size + len(entries) > self.max_entries:
+            self.drop(next(iter(self._listings)))  # the oldest listing
+        self._listings[key] = Listing(dir_st, entries, time.monotonic() + self.timeout)
+        self._size += len(entries)
+
+    def drop(self, key: Key) -> None:
+        listing = self._listings.pop(key, None)
+        if listing is not None:
+            self._size -= len(listing.entries)

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,9 +47,14 @@ __all__ = [
     "PROBE_LIB",
     "STATUS_XATTR",
     "SYSTEM_PYTHON",
+    "REGISTRY",
     "DaemonDied",
     "Mount",
     "MountEntry",
+    "Userns",
+    "current_seq",
+    "daemon_argv",
+    "errno_of",
     "fuse_available",
     "manifest",
     "manifest_diff",
@@ -612,6 +617,15 @@ def run_as(
         raise AssertionError(
             f"probe as {who} printed no JSON ({e}):\n{r.stdout!r}\n{r.stderr}"
         ) from None
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    """0 when ``fn()`` works, else the errno of the ``OSError`` it raised."""
+    try:
+        fn()
+    except OSError as e:
+        return e.errno if e.errno else -1
+    return 0
 
 
 # --------------------------------------------------------------------------- manifests

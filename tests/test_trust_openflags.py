@@ -154,10 +154,10 @@ def check(results: dict[str, Any], flag_list: list[int], tally: Counter[str]) ->
                 if m == s:
                     tally["O_NOATIME EPERM on source, same as without it through the mount"] += 1
                     continue
-            if m == -errno.EROFS and wants_write(flags):
-                if isinstance(s, str) or -s in PREEMPTED_BY_EROFS:
-                    tally["EROFS through the mount for a write"] += 1
-                    continue
+            preempted = isinstance(s, str) or -s in PREEMPTED_BY_EROFS
+            if m == -errno.EROFS and wants_write(flags) and preempted:
+                tally["EROFS through the mount for a write"] += 1
+                continue
             bad.append(f"{target} {describe(flags)}: source {show(s)}, mount {show(m)}")
     return bad
 

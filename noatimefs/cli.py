@@ -14,14 +14,18 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Sequence
 
-from noatimefs import __version__, mountinfo, policy
+from noatimefs import __version__, mountinfo, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.mount import Config
 
 log = logging.getLogger("noatimefs")
+
+#: The type noatimefs mounts have in /proc/self/mountinfo.
+FSTYPE = "fuse.noatimefs"
 
 #: ``-o`` options that belong to mount(8), fstab or systemd, not to the kernel.
 IGNORED_OPTIONS = frozenset(
@@ -39,9 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
             "Mount SOURCE read-only at MOUNTPOINT, presented as owned by OWNER, and drop "
             "O_NOATIME from opens by callers who do not own the file."
         ),
+        epilog=(
+            "Also: 'noatimefs run [options] SOURCE -- COMMAND [ARGS...]' (mount at a private "
+            "directory for the duration of COMMAND) and 'noatimefs status MOUNTPOINT'."
+        ),
     )
     parser.add_argument("source", metavar="SOURCE", help="the store directory to re-export")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    add_mount_options(parser)
+    parser.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="never fork into the background (the default, except when run by mount.fuse3)",
+    )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="prefix log lines with journald priorities <N> (automatic when stderr is the journal)",
+    )
+    parser.add_argument("--version", action="version", version=f"noatimefs {__version__}")
+    return parser
+
+
+def add_mount_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape the mount (shared with ``noatimefs run``)."""
     parser.add_argument(
         "--owner",
         metavar="USER|UID",
@@ -71,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount(8)-style options: owner=USER, allow_other, timeout=SECONDS, debug; "
         "fstab-only options (nofail, noauto, _netdev, x-systemd.*, ...) are ignored",
     )
-    parser.add_argument("--version", action="version", version=f"noatimefs {__version__}")
-    return parser
 
 
 def apply_mount_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -129,13 +153,54 @@ def check_source(source: str) -> None:
         raise QuietError(f"SOURCE {source} cannot be read by uid {os.geteuid()}", Exit.SOURCE)
 
 
-def check_mountpoint(mountpoint: str, source: str) -> None:
+def clear_dead_mount(mountpoint: str) -> None:
+    """Unmount the dead noatimefs mount on *mountpoint* (crash recovery).
+
+    Only a mount that is dead (``ENOTCONN``) *and* whose mountinfo type is
+    ``fuse.noatimefs`` is cleared; anything else is left alone and reported.
+    """
+    path = os.path.realpath(mountpoint)
+    entry = mountinfo.find(path)
+    if entry is None or entry.fstype != FSTYPE:
+        what = f"{entry.fstype} from {entry.source}" if entry else "not in mountinfo"
+        raise QuietError(
+            f"MOUNTPOINT {mountpoint} is a dead FUSE mount ({what}) that is not noatimefs's; "
+            f"clear it with: fusermount3 -u {mountpoint}",
+            Exit.MOUNTPOINT,
+        )
+    problems = []
+    for cmd in (["fusermount3", "-u", path], ["umount", "-l", path]):
+        top = mountinfo.find(path)
+        if top is None or top.mount_id != entry.mount_id:
+            break
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            problems.append(f"{cmd[0]}: {done.stderr.strip() or done.returncode}")
+    top = mountinfo.find(path)
+    if top is not None and top.mount_id == entry.mount_id:
+        raise QuietError(
+            f"MOUNTPOINT {mountpoint} is a dead noatimefs mount that cannot be cleared "
+            f"({'; '.join(problems)})",
+            Exit.MOUNTPOINT,
+        )
+    log.warning(
+        "cleared a dead noatimefs mount of %s at %s (its daemon is gone; mount id %d)",
+        entry.source,
+        path,
+        entry.mount_id,
+    )
+
+
+def check_mountpoint(mountpoint: str, source: str, *, _recover: bool = True) -> None:
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
         raise QuietError(f"MOUNTPOINT {mountpoint} does not exist", Exit.MOUNTPOINT) from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED) and _recover:
+            clear_dead_mount(mountpoint)
+            return check_mountpoint(mountpoint, source, _recover=False)
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise QuietError(
                 f"MOUNTPOINT {mountpoint} is a dead FUSE mount (its daemon is gone); "
                 f"clear it with: fusermount3 -u {mountpoint}",
@@ -231,26 +296,94 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def setup_logging(debug: bool) -> None:
+class JournalFormatter(logging.Formatter):
+    """``<N>`` journald priority prefixes (sd-daemon(3)) on every line of a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (3 err, 4 warning, 6 info, 7 debug)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal (systemd sets ``JOURNAL_STREAM=dev:inode``)."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(debug: bool, journal: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("noatimefs[%(process)d] %(levelname)s: %(message)s"))
+    if journal:
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("noatimefs[%(process)d] %(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def started_by_mount_helper(options: Sequence[str]) -> bool:
+    """Whether ``mount.fuse3`` ran us (from mount(8) or fstab).
+
+    mount.fuse3 runs ``noatimefs SOURCE MOUNTPOINT -o OPTIONS`` and always ends
+    OPTIONS with ``dev`` (or passes ``nodev``) and ``suid`` (or ``nosuid``):
+    options nobody gives a read-only FUSE mount by hand.
+    """
+    given = {o for group in options for o in group.split(",")}
+    return bool(given & {"dev", "nodev"}) and bool(given & {"suid", "nosuid"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        from noatimefs import runcmd
+
+        return runcmd.main(argv[1:])
+    if argv[:1] == ["status"]:
+        from noatimefs import status
+
+        return status.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_mount_options(args, parser)
-    setup_logging(args.debug)
+    journal = args.systemd or stderr_is_journal()
+    setup_logging(args.debug, journal)
+    background = (
+        started_by_mount_helper(args.options)
+        and not args.foreground
+        and not os.environ.get("NOTIFY_SOCKET")
+    )
     try:
         config = make_config(args)
         from noatimefs import mount
 
-        return mount.run(config)
+        helper = notify.Background()
+        if background:
+            code = helper.fork()
+            if code is not None:
+                return code
+
+        def ready() -> None:
+            notify.ready(f"serving {config.source} at {config.mountpoint}")
+            helper.ready()
+
+        return mount.run(config, ready=ready)
     except QuietError as exc:
-        print(f"noatimefs: error: {exc.message}", file=sys.stderr)
+        print(f"{'<3>' if journal else ''}noatimefs: error: {exc.message}", file=sys.stderr)
         return int(exc.exitcode)
     except Exception:
         log.exception("internal error")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from noatimefs import policy
+from noatimefs import notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.fs import NoatimeFS
 from noatimefs.source import Source
@@ -65,6 +65,7 @@ async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_
         task_status.started()
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
+            notify.stopping()
             pyfuse3.terminate()
             return
 
@@ -103,9 +104,15 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
                 ready()
             trio.run(_serve, ops)
             clean = True
+            notify.stopping()
         except Exception:
             log.exception("noatimefs crashed; the mount at %s is left dead", config.mountpoint)
-            log.error("recover with: fusermount3 -u %s", config.mountpoint)
+            log.error(
+                "recover by starting noatimefs on %s again (it clears its own dead mount), "
+                "or with: fusermount3 -u %s",
+                config.mountpoint,
+                config.mountpoint,
+            )
             return Exit.INTERNAL
         finally:
             pyfuse3.close(unmount=clean)

@@ -468,10 +468,13 @@ def _stop(m: Mount, expect_clean_exit: bool) -> list[str]:
 PROBE_LIB = r"""
 import errno, hashlib, json, os, subprocess, sys
 DATA = json.loads(sys.stdin.read() or "null")
+# The JSON result goes to the original stdout; anything else (children) to stderr.
+_RESULT = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 
 def emit(obj):
-    sys.stdout.write(json.dumps(obj))
-    sys.stdout.flush()
+    _RESULT.write(json.dumps(obj))
+    _RESULT.flush()
 
 def errno_of(fn, *args):
     # 0 when fn(*args) works, else the errno (names in errno.errorcode).

@@ -135,6 +135,11 @@ def mount_entries() -> list[MountEntry]:
     return entries
 
 
+def _mount_ids(path: str | os.PathLike[str]) -> frozenset[int]:
+    target = os.path.realpath(path)
+    return frozenset(e.mount_id for e in mount_entries() if e.mountpoint == target)
+
+
 def mount_entry(path: str | os.PathLike[str]) -> MountEntry | None:
     """The topmost mount on *path* (given as the caller spelled it, resolved here)."""
     target = os.path.realpath(path)
@@ -293,6 +298,8 @@ class Mount:
     log_path: Path
     argv: list[str]
     entry: MountEntry | None = None
+    #: Mount ids on the mountpoint before the daemon started (not its own).
+    preexisting: frozenset[int] = frozenset()
     seq: int = 0
     finished_seq: int | None = None
     _final_log: str | None = None
@@ -339,14 +346,23 @@ def wait_for_mount(
     proc: subprocess.Popen[bytes] | None = None,
     deadline: float = DAEMON_DEADLINE,
     describe: Any = None,
+    ignore: frozenset[int] = frozenset(),
 ) -> MountEntry:
-    """Wait until *path* is a mountpoint of a FUSE filesystem; fail if *proc* dies first."""
+    """Wait until *path* is a mountpoint of a FUSE filesystem; fail if *proc* dies first.
+
+    Mounts whose id is in *ignore* (those there before the daemon started, such
+    as a dead mount it is expected to replace) do not count.
+    """
     end = time.monotonic() + deadline
     watch = _MountTableWatch()  # opened before the first look, so no change is missed
     try:
         while True:
             entry = mount_entry(path)
-            if entry is not None and entry.fstype.startswith("fuse"):
+            if (
+                entry is not None
+                and entry.fstype.startswith("fuse")
+                and entry.mount_id not in ignore
+            ):
                 return entry
             if proc is not None and proc.poll() is not None:
                 raise DaemonDied(
@@ -398,6 +414,7 @@ def mounted(
             *wrapper,
             *daemon_argv(source, mnt, *args, owner=owner, allow_other=allow_other),
         ]
+        already = _mount_ids(mnt)
         run_env = dict(os.environ if env is None else env)
         run_env.setdefault("PYTHONFAULTHANDLER", "1")
         with open(log_path, "wb") as log:
@@ -413,7 +430,7 @@ def mounted(
         m.seq = current_seq()
         REGISTRY.append(m)
         try:
-            m.entry = wait_for_mount(mnt, proc, describe=m.describe)
+            m.entry = wait_for_mount(mnt, proc, describe=m.describe, ignore=already)
             yield m
         except BaseException as exc:
             for problem in _stop(m, expect_clean_exit):
@@ -426,11 +443,18 @@ def mounted(
 
 
 def _stop(m: Mount, expect_clean_exit: bool) -> list[str]:
-    """Unmount and stop the daemon of *m*; return what went wrong (nothing, ideally)."""
+    """Unmount and stop the daemon of *m*; return what went wrong (nothing, ideally).
+
+    Only the daemon's own mounts are touched (not one that was there before it).
+    """
     problems: list[str] = []
     was_running = m.proc.poll() is None
+
+    def own_mounted() -> bool:
+        return bool(_mount_ids(m.path) - m.preexisting)
+
     try:
-        if mount_entry(m.path) is not None:
+        if own_mounted():
             r = subprocess.run(
                 ["fusermount3", "-u", os.fspath(m.path)],
                 capture_output=True,
@@ -444,9 +468,11 @@ def _stop(m: Mount, expect_clean_exit: bool) -> list[str]:
             m.proc.wait(timeout=DAEMON_DEADLINE)
         except subprocess.TimeoutExpired:
             problems.append(f"daemon pid {m.pid} still running {DAEMON_DEADLINE} s after unmount")
-        if mount_entry(m.path) is not None:
+        if own_mounted():
             problems.append(f"{m.path} still mounted after fusermount3 -u; using umount -l")
-            problems += umount(m.path)
+            subprocess.run(["umount", "-l", os.fspath(m.path)], capture_output=True, check=False)
+            if own_mounted():
+                problems.append(f"{m.path} is still mounted")
         if m.proc.poll() is None:
             problems.append(f"killing daemon pid {m.pid}")
             with contextlib.suppress(ProcessLookupError):

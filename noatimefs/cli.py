@@ -194,6 +194,9 @@ def clear_dead_mount(mountpoint: str) -> None:
 def check_mountpoint(mountpoint: str, source: str, *, _recover: bool = True) -> None:
     try:
         st = os.stat(mountpoint)
+        # statfs always reaches a FUSE daemon; stat may be answered from the kernel's
+        # attribute cache for a while after the daemon died.
+        os.statvfs(mountpoint)
     except FileNotFoundError:
         raise QuietError(f"MOUNTPOINT {mountpoint} does not exist", Exit.MOUNTPOINT) from None
     except OSError as exc:

@@ -149,6 +149,7 @@ class PrivateMount:
         self.proc = subprocess.Popen(
             daemon_argv(self.args, self.mountpoint),
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # COMMAND's stdout is not the daemon's
             env=env,
             start_new_session=True,
             preexec_fn=_die_with_parent,  # safe: no threads in this process

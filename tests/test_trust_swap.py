@@ -1,0 +1,334 @@
+"""Swapped under its feet: a directory of SOURCE becomes a symlink out of SOURCE and back, in a loop.
+
+The daemon runs as root, so the one thing it must never do is follow such a
+symlink itself. While readers (root and 65534, real processes) hammer the
+mount, a swapper in this process, for a bounded time:
+
+- exchanges ``SOURCE/sw`` (a directory) with ``SOURCE/sw.alt``, a symlink to a
+  directory *outside* SOURCE holding files of the same names with unique
+  marker bytes and xattrs, or to ``/etc`` (``renameat2(RENAME_EXCHANGE)``,
+  atomic, and back);
+- exchanges the file ``sw/passwd`` with a symlink to ``/etc/passwd`` and back;
+- renames ``sw`` away, puts a symlink in its place, and undoes it (not atomic).
+
+The readers open ``sw/<name>`` and ``sw.alt/<name>`` through the mount in
+every way a caller can: by path (when the mount shows a symlink, the
+*caller's* kernel follows it, which ``fstat``'s ``st_dev`` tells apart: that
+is counted, not an escape), by ``openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS)`` from the mount root, and through a directory
+descriptor on ``sw`` opened before a swap (the daemon then resolves a node
+whose path is now a symlink). Anything read through the FUSE device must be
+the SOURCE file's own bytes; listings must hold only SOURCE's names; xattrs
+and inode numbers of the outside files must never appear. Run with the
+default cache timeout and with ``--timeout 0`` (every lookup reaches the
+daemon).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import util
+
+pytestmark = pytest.mark.mount
+
+SECONDS = 4.0
+SECONDS_SLOW = 30.0
+READERS = ((0, 0), (0, 0), util.NOBODY, util.NOBODY)
+NAMES = ("passwd", "hostname", "marker", "sub/marker")
+OUT_MARKER = b"OUTSIDE-SOURCE-NEVER-THROUGH-THE-MOUNT"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> None:
+    if _libc.renameat2(_AT_FDCWD, bytes(a), _AT_FDCWD, bytes(b), _RENAME_EXCHANGE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a))
+
+
+def inside_bytes(name: str) -> bytes:
+    return f"INSIDE:{name}:".encode() * 50
+
+
+@dataclass
+class Rig:
+    src: Path
+    outside: Path
+    mount: util.Mount
+
+
+def build(src: Path, outside: Path) -> None:
+    for root, content in ((src / "sw", inside_bytes), (outside, None)):
+        (root / "sub").mkdir(parents=True)
+        for name in NAMES:
+            data = content(name) if content else OUT_MARKER + name.encode()
+            (root / name).write_bytes(data)
+            if content is None:
+                os.setxattr(root / name, "user.outside", OUT_MARKER)
+    (outside / "outside-only").write_bytes(OUT_MARKER)
+    os.setxattr(outside, "user.outside", OUT_MARKER)
+    os.symlink(outside, src / "sw.alt")
+
+
+@pytest.fixture(params=["cached", "timeout0"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    args = ("--timeout", "0") if request.param == "timeout0" else ()
+    with util.world_tmpdir("noatimefs-trust-swap-") as base:
+        src, outside = base / "src", base / "outside"
+        src.mkdir(mode=0o755)
+        outside.mkdir(mode=0o755)
+        build(src, outside)
+        with util.mounted(src, None, *args, owner=util.NOBODY[0], allow_other=True) as m:
+            yield Rig(src, outside, m)
+
+
+class Swapper(threading.Thread):
+    def __init__(self, rig: Rig) -> None:
+        super().__init__(daemon=True)
+        self.rig = rig
+        self.stop = threading.Event()
+        self.swaps: Counter[str] = Counter()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        src, outside = self.rig.src, self.rig.outside
+        sw, alt = src / "sw", src / "sw.alt"
+        i = 0
+        try:
+            while not self.stop.is_set():
+                i += 1
+                # the symlink's target alternates between the outside dir and /etc
+                os.unlink(alt)
+                os.symlink(outside if i % 2 else "/etc", alt)
+                exchange(sw, alt)  # sw is now the symlink
+                exchange(sw, alt)  # and back
+                self.swaps["dir <-> symlink (RENAME_EXCHANGE)"] += 2
+                link = sw / "passwd.alt"
+                os.symlink("/etc/passwd", link)
+                exchange(sw / "passwd", link)
+                exchange(sw / "passwd", link)
+                os.unlink(link)
+                self.swaps["file <-> symlink to /etc/passwd"] += 2
+                if i % 4 == 0:
+                    os.rename(sw, src / "sw.away")
+                    os.symlink(outside, sw)
+                    os.unlink(sw)
+                    os.rename(src / "sw.away", sw)
+                    self.swaps["rename away, symlink, undo"] += 2
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+_READER = r"""
+import ctypes, random, time, stat
+libc = ctypes.CDLL(None, use_errno=True)
+
+class OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+def openat2(dirfd, path, flags):
+    how = OpenHow(flags | os.O_CLOEXEC, 0, 0x08 | 0x04)  # BENEATH | NO_SYMLINKS
+    fd = libc.syscall(437, dirfd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return fd
+
+mnt, expect = DATA["mnt"], {k: bytes.fromhex(v) for k, v in DATA["expect"].items()}
+inside_names = set(DATA["inside_names"])
+bad_inos = set(DATA["outside_inos"])
+marker = DATA["marker"].encode()
+mdev = os.stat(mnt).st_dev
+rootfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+rng = random.Random(DATA["seed"])
+tally, escapes, errors = {}, [], {}
+
+def count(k):
+    tally[k] = tally.get(k, 0) + 1
+
+def check_fd(fd, name, how):
+    st = os.fstat(fd)
+    data = os.pread(fd, 1 << 16, 0)
+    if st.st_dev != mdev:
+        count("followed by the caller's own kernel (not through the daemon)")
+        return
+    if st.st_ino in bad_inos or marker in data or data != expect[name]:
+        escapes.append("%s %s: ino %d, %r" % (how, name, st.st_ino, data[:60]))
+    else:
+        count("reads verified")
+
+def held_dir():
+    try:
+        return openat2(rootfd, "sw", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+
+OPS = ["open by path", "openat2", "open by held dirfd", "list+lstat by held dirfd",
+       "getxattr by held dirfd", "list by openat2"]
+dirfd = None
+end = time.monotonic() + DATA["seconds"]
+while time.monotonic() < end:
+    name = rng.choice(DATA["names"])
+    top = rng.choice(["sw", "sw.alt"])
+    op = rng.randrange(6)
+    try:
+        if op == 0:
+            fd = os.open("%s/%s/%s" % (mnt, top, name), os.O_RDONLY)
+            try:
+                check_fd(fd, name, "path")
+            finally:
+                os.close(fd)
+        elif op == 1:
+            fd = openat2(rootfd, "%s/%s" % (top, name), os.O_RDONLY)
+            try:
+                check_fd(fd, name, "openat2")
+            finally:
+                os.close(fd)
+        elif op in (2, 3, 4):
+            if dirfd is None:
+                dirfd = held_dir()
+                if dirfd is None:
+                    count("held dir not available")
+                    continue
+            if op == 2:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dirfd)
+                try:
+                    check_fd(fd, name, "held dirfd")
+                finally:
+                    os.close(fd)
+            elif op == 3:
+                names = set(os.listdir(dirfd))
+                if not names <= inside_names:
+                    extra = sorted(names - inside_names)[:5]
+                    escapes.append("listing through held dirfd: %r" % extra)
+                else:
+                    count("listings verified")
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if st.st_ino in bad_inos:
+                    escapes.append("lstat by held dirfd %s: outside ino %d" % (name, st.st_ino))
+                else:
+                    count("lstats verified")
+            else:
+                try:
+                    v = os.getxattr("/proc/self/fd/%d/%s" % (dirfd, name), "user.outside")
+                    escapes.append("xattr of an outside file: %r" % v[:40])
+                except OSError:
+                    count("xattrs verified absent")
+                    continue
+            if rng.randrange(8) == 0:
+                os.close(dirfd)
+                dirfd = None
+        else:
+            fd = openat2(rootfd, top, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                names = set(os.listdir(fd))
+            finally:
+                os.close(fd)
+            if not names <= inside_names:
+                escapes.append("listing of %s: %r" % (top, sorted(names - inside_names)[:5]))
+            else:
+                count("listings verified")
+    except OSError as e:
+        key = "%s (%s)" % (errno.errorcode.get(e.errno, str(e.errno)), OPS[op])
+        errors[key] = errors.get(key, 0) + 1
+        if dirfd is not None and rng.randrange(4) == 0:
+            os.close(dirfd)
+            dirfd = None
+emit({"tally": tally, "escapes": escapes[:50], "n_escapes": len(escapes),
+      "errors": errors})
+"""
+
+
+def run_swap(rig: Rig, seconds: float) -> None:
+    outside_inos = [os.stat(rig.outside / n).st_ino for n in NAMES]
+    outside_inos += [os.stat(rig.outside).st_ino, os.stat(rig.outside / "sub").st_ino]
+    outside_inos += [os.stat(p).st_ino for p in ("/etc", "/etc/passwd", "/etc/hostname")]
+    inside_names = ["sub", "passwd.alt", *[n for n in NAMES if "/" not in n]]
+    swapper = Swapper(rig)
+    swapper.start()
+    try:
+        with ThreadPoolExecutor(len(READERS)) as pool:
+            futures = [
+                pool.submit(
+                    util.run_as,
+                    uid,
+                    gid,
+                    _READER,
+                    {
+                        "mnt": str(rig.mount.path),
+                        "names": list(NAMES),
+                        "expect": {n: inside_bytes(n).hex() for n in NAMES},
+                        "inside_names": inside_names,
+                        "outside_inos": outside_inos,
+                        "marker": OUT_MARKER.decode(),
+                        "seconds": seconds,
+                        "seed": i,
+                    },
+                    timeout=seconds + 120,
+                )
+                for i, (uid, gid) in enumerate(READERS)
+            ]
+            results = [f.result() for f in futures]
+    finally:
+        swapper.stop.set()
+        swapper.join()
+    assert swapper.error is None, f"the swapper failed: {swapper.error!r}"
+    tally: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    escapes: list[str] = []
+    for r in results:
+        tally.update(r["tally"])
+        errors.update(r["errors"])
+        escapes += r["escapes"]
+    n_escapes = sum(r["n_escapes"] for r in results)
+    _figures(rig, {**swapper.swaps, **tally, "errors": dict(errors), "escapes": n_escapes})
+    assert rig.mount.proc.poll() is None, "the daemon died:\n" + rig.mount.describe()
+    assert n_escapes == 0, "bytes from outside SOURCE through the mount:\n" + "\n".join(escapes)
+    assert tally["reads verified"] > 0, (tally, errors)
+    assert sum(swapper.swaps.values()) > 0
+    # Back in shape, the mount serves SOURCE again (a fresh lookup: the kernel may hold stale
+    # dentries for up to the cache timeout, so go through a name it has not seen).
+    (rig.src / "after").mkdir()
+    (rig.src / "after" / "f").write_bytes(b"after the storm")
+    assert (rig.mount.path / "after" / "f").read_bytes() == b"after the storm"
+    status = rig.mount.status()
+    assert status["handles"] == 0, status
+
+
+def _figures(rig: Rig, row: dict[str, Any]) -> None:
+    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            label = "timeout 0" if "--timeout" in rig.mount.argv else "cached"
+            f.write(json.dumps({"test": f"swap {label}", **row}) + "\n")
+
+
+def test_swapped_under_its_feet_never_leaves_source(rig: Rig) -> None:
+    run_swap(rig, SECONDS)
+
+
+@pytest.mark.slow
+def test_swapped_under_its_feet_never_leaves_source_long(rig: Rig) -> None:
+    run_swap(rig, SECONDS_SLOW)
+
+
+def test_swap_helpers_are_sane(tmp_path: Path) -> None:
+    """RENAME_EXCHANGE really exchanges a directory and a symlink (else the test proves nothing)."""
+    (tmp_path / "d").mkdir()
+    os.symlink("/etc", tmp_path / "l")
+    exchange(tmp_path / "d", tmp_path / "l")
+    assert (tmp_path / "d").is_symlink()
+    assert (tmp_path / "l").is_dir()

@@ -1,4 +1,4 @@
-"""Swapped under its feet: a directory of SOURCE becomes a symlink out of SOURCE and back, in a loop.
+"""Swapped under its feet: a directory of SOURCE becomes a symlink out of SOURCE, and back.
 
 The daemon runs as root, so the one thing it must never do is follow such a
 symlink itself. While readers (root and 65534, real processes) hammer the

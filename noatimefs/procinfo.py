@@ -30,8 +30,20 @@ def name(pid: int) -> str:
 
 
 def describe(pid: int) -> str:
-    """``"1234 (qemu-system-x86)"``: how a caller is named in the log."""
-    return f"{pid} ({name(pid)})"
+    """``"1234 (qemu-system-x86)"``: how a caller is named in the log.
+
+    A process chooses its own name (``prctl(PR_SET_NAME)``, ``argv[0]``), so
+    anything unprintable in it is escaped: a caller cannot split or forge a
+    log line.
+    """
+    return f"{pid} ({printable(name(pid))})"
+
+
+def printable(text: str) -> str:
+    """*text* with every unprintable character escaped as in ``repr`` (``\\n``, ``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def groups(pid: int) -> frozenset[int]:

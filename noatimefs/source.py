@@ -23,6 +23,8 @@ RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 _EAGAIN_RETRIES = 3
+#: Paths at least this long are resolved in pieces: one openat2 takes at most PATH_MAX (4096).
+_CHUNK = 3072
 
 
 class _OpenHow(ctypes.Structure):
@@ -74,14 +76,37 @@ class Source:
 
         With ``O_PATH | O_NOFOLLOW`` a trailing symlink is opened itself. The
         kernel answers ``EAGAIN`` when a rename raced the resolution; that is
-        retried a few times before it is passed on.
+        retried a few times before it is passed on. A path longer than one
+        ``openat2`` takes (a deep tree a caller reached one ``openat`` at a
+        time) is resolved in pieces, each beneath the directory the last one
+        reached, with the same restrictions.
         """
+        relpath = relpath or b"."
+        if len(relpath) < _CHUNK:
+            return self._open_at(self.root_fd, relpath, flags)
+        dirfd = self.root_fd
+        try:
+            while len(relpath) >= _CHUNK:
+                cut = relpath.rfind(b"/", 0, _CHUNK)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+                fd = self._open_at(dirfd, relpath[:cut], O_PATH | os.O_DIRECTORY)
+                if dirfd != self.root_fd:
+                    os.close(dirfd)
+                dirfd, relpath = fd, relpath[cut + 1 :]
+            return self._open_at(dirfd, relpath, flags)
+        finally:
+            if dirfd != self.root_fd:
+                os.close(dirfd)
+
+    @staticmethod
+    def _open_at(dirfd: int, relpath: bytes, flags: int) -> int:
         for _ in range(_EAGAIN_RETRIES):
             try:
-                return openat2(self.root_fd, relpath or b".", flags)
+                return openat2(dirfd, relpath, flags)
             except BlockingIOError:
                 continue
-        return openat2(self.root_fd, relpath or b".", flags)
+        return openat2(dirfd, relpath, flags)
 
     def lstat(self, relpath: bytes) -> os.stat_result:
         """``lstat`` of *relpath* beneath SOURCE, following no symlink on the way."""

@@ -347,23 +347,25 @@ def wait_for_mount(
     deadline: float = DAEMON_DEADLINE,
     describe: Any = None,
     ignore: frozenset[int] = frozenset(),
+    replaces_dead: bool = False,
 ) -> MountEntry:
     """Wait until *path* is a mountpoint of a FUSE filesystem; fail if *proc* dies first.
 
-    Mounts whose id is in *ignore* (those there before the daemon started, such
-    as a dead mount it is expected to replace) do not count.
+    Mounts whose id is in *ignore* (those there before the daemon started) do not
+    count, except with *replaces_dead* (they were dead FUSE mounts the daemon is
+    expected to replace; mount ids are reused, so the replacement may have the
+    same id): then a mount on *path* that answers ``statvfs`` counts.
     """
     end = time.monotonic() + deadline
     watch = _MountTableWatch()  # opened before the first look, so no change is missed
     try:
         while True:
             entry = mount_entry(path)
-            if (
-                entry is not None
-                and entry.fstype.startswith("fuse")
-                and entry.mount_id not in ignore
-            ):
-                return entry
+            if entry is not None and entry.fstype.startswith("fuse"):
+                if entry.mount_id not in ignore:
+                    return entry
+                if replaces_dead and errno_of(lambda: os.statvfs(path)) == 0:
+                    return entry
             if proc is not None and proc.poll() is not None:
                 raise DaemonDied(
                     f"daemon exited with {proc.returncode} before mounting {path}"
@@ -415,6 +417,8 @@ def mounted(
             *daemon_argv(source, mnt, *args, owner=owner, allow_other=allow_other),
         ]
         already = _mount_ids(mnt)
+        # A dead FUSE mount there is one the daemon may clear and replace (crash recovery).
+        replaces_dead = bool(already) and errno_of(lambda: os.statvfs(mnt)) == errno.ENOTCONN
         run_env = dict(os.environ if env is None else env)
         run_env.setdefault("PYTHONFAULTHANDLER", "1")
         with open(log_path, "wb") as log:
@@ -430,7 +434,9 @@ def mounted(
         m.seq = current_seq()
         REGISTRY.append(m)
         try:
-            m.entry = wait_for_mount(mnt, proc, describe=m.describe, ignore=already)
+            m.entry = wait_for_mount(
+                mnt, proc, describe=m.describe, ignore=already, replaces_dead=replaces_dead
+            )
             yield m
         except BaseException as exc:
             for problem in _stop(m, expect_clean_exit):
@@ -451,7 +457,12 @@ def _stop(m: Mount, expect_clean_exit: bool) -> list[str]:
     was_running = m.proc.poll() is None
 
     def own_mounted() -> bool:
-        return bool(_mount_ids(m.path) - m.preexisting)
+        top = mount_entry(m.path)
+        if top is None:
+            return False
+        if m.entry is not None:  # ids are reused: the one we waited for, if still on top
+            return top.mount_id == m.entry.mount_id
+        return top.mount_id not in m.preexisting
 
     try:
         if own_mounted():

@@ -5,6 +5,9 @@ Whenever the service manager set ``NOTIFY_SOCKET`` (a ``Type=notify`` unit, or
 once the mount is live and ``STOPPING=1`` when it starts to unmount. Without
 ``NOTIFY_SOCKET`` every function here does nothing. Sending never raises: a
 service manager that went away must not take the mount down with it.
+
+The other readiness channel is :class:`Background`: the pipe by which a daemon
+started by ``mount.fuse3`` tells the waiting mount(8) that the mount is live.
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ def main(argv: Sequence[str]) -> int:
     except QuietError as exc:
         print(f"noatimefs: error: {exc.message}", file=sys.stderr)
         return int(exc.exitcode)
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        print(render(os.path.abspath(args.mountpoint), status))
+    text = json.dumps(status, indent=2, sort_keys=True) if args.json else None
+    try:
+        print(text or render(os.path.abspath(args.mountpoint), status), flush=True)
+    except BrokenPipeError:  # `noatimefs status MNT | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return int(Exit.OK)

@@ -38,10 +38,10 @@ pytestmark = pytest.mark.qemu
 
 #: The uid QEMU runs as and the mount presents entries as owned by.
 QEMU_UID = util.NOBODY[0]
-#: A normal boot takes about 10 s here under TCG; this only bounds a broken one.
+#: A normal boot takes 5-10 s here under TCG; this only bounds a broken one.
 BOOT_TIMEOUT = 150.0
 #: For the hung-guest test: how long before the hang is declared.
-HANG_TIMEOUT = 20.0
+HANG_TIMEOUT = 10.0
 #: Checks every good guest run must report PASS.
 EXPECTED_CHECKS = (
     "modules",

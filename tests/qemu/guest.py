@@ -32,14 +32,17 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -261,6 +264,68 @@ def _build_initramfs(kdir: Path, out: Path) -> None:
         tmp_out.rename(out)
 
 
+def _has_pvh_entry(elf: bytes) -> bool:
+    """Whether a 64-bit little-endian ELF kernel has Xen's PVH entry note.
+
+    QEMU boots such a ``vmlinux`` directly (``-kernel vmlinux``), which skips
+    decompressing the bzImage, several seconds under TCG.
+    """
+    if elf[:6] != b"\x7fELF\x02\x01":
+        return False
+    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
+        if p_type != 4:  # PT_NOTE
+            continue
+        notes, pos = elf[p_offset : p_offset + p_filesz], 0
+        while pos + 12 <= len(notes):
+            namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
+            name = notes[pos + 12 : pos + 12 + namesz]
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+            if name == b"Xen\0" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
+                return True
+    return False
+
+
+def _extract_vmlinux(bzimage: bytes) -> bytes | None:
+    """The ELF kernel inside a bzImage (xz or gzip payload), or None."""
+    if bzimage[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = bzimage[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = bzimage[start : start + payload_length]
+    try:
+        if payload.startswith(b"\xfd7zXZ\x00"):
+            return lzma.LZMADecompressor().decompress(payload)
+        if payload.startswith(b"\x1f\x8b"):
+            return gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
+    except (lzma.LZMAError, OSError, EOFError):
+        return None
+    return None  # zstd, lz4, ...: not in the standard library; use the bzImage
+
+
+def _pvh_kernel(kdir: Path) -> Path | None:
+    """``kdir/vmlinux`` (made once from the bzImage) if QEMU can boot it directly."""
+    vmlinux, unsupported = kdir / "vmlinux", kdir / "vmlinux.unsupported"
+    if vmlinux.exists():
+        return vmlinux
+    if unsupported.exists():
+        return None
+    elf = _extract_vmlinux((kdir / "vmlinuz").read_bytes())
+    if elf is None or not _has_pvh_entry(elf):
+        unsupported.write_text("no PVH-bootable vmlinux in this bzImage; booting vmlinuz\n")
+        return None
+    tmp = vmlinux.with_name("vmlinux.tmp")
+    tmp.write_bytes(elf)
+    tmp.rename(vmlinux)
+    log.info("extracted %s (%d bytes) for a direct PVH boot", vmlinux, len(elf))
+    return vmlinux
+
+
 def _cached_kernels(root: Path) -> list[Path]:
     found = [p for p in root.glob("linux-image-*") if (p / "kernel-release").exists()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
@@ -287,7 +352,18 @@ def build(*, install: bool = True) -> GuestImage:
         else:
             kdir = root / f"{package}_{version}"
             if not (kdir / "kernel-release").exists():
-                _fetch_kernel(kdir, package, version)
+                try:
+                    _fetch_kernel(kdir, package, version)
+                except GuestError:
+                    # Stale package lists name a version the mirror no longer has.
+                    _run(["apt-get", "update", "-q"])
+                    package, version = kernel_package()
+                    kdir = root / f"{package}_{version}"
+                    _fetch_kernel(kdir, package, version)
+                for old in _cached_kernels(root):
+                    if old != kdir:
+                        log.info("removing the superseded kernel %s", old)
+                        shutil.rmtree(old)
         initrd = kdir / "initramfs.cpio.gz"
         stamp = kdir / "initramfs.inputs"
         inputs = _initramfs_inputs(kdir)
@@ -296,7 +372,7 @@ def build(*, install: bool = True) -> GuestImage:
             _build_initramfs(kdir, initrd)
             stamp.write_text(inputs)
         return GuestImage(
-            kernel=kdir / "vmlinuz",
+            kernel=_pvh_kernel(kdir) or kdir / "vmlinuz",
             initrd=initrd,
             kernel_release=(kdir / "kernel-release").read_text().strip(),
             package=package,
@@ -407,6 +483,60 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _gone(pid: int) -> bool:
+    """True when *pid* has exited (or is a zombie: its files are closed)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+#: How long a killed QEMU (and its wrapper) may take to go away.
+STOP_DEADLINE = 30.0
+
+
+def _stop(proc: subprocess.Popen[bytes], pidfile: Path) -> None:
+    """Kill QEMU, let the wrapper reap it, and return only when it is gone.
+
+    QEMU goes first and the wrapper (strace) is left to reap it: killing strace
+    first would detach QEMU and leave it running; killing both at once leaves
+    QEMU to exit on its own after we return, still holding the exported
+    directory open (a FUSE mount is then still busy). Last resort after
+    :data:`STOP_DEADLINE`: SIGKILL to every descendant and the wrapper.
+    """
+    pids = set(_descendants(proc.pid))
+    with contextlib.suppress(OSError, ValueError):
+        pids.add(int(pidfile.read_text().strip()))
+    qemus = {pid for pid in pids | {proc.pid} if _is_qemu(pid)}
+    for pid in sorted(qemus):
+        _kill(pid)
+    try:
+        proc.wait(timeout=STOP_DEADLINE)
+    except subprocess.TimeoutExpired:
+        log.error("pid %d still running %.0fs after QEMU was killed", proc.pid, STOP_DEADLINE)
+        for pid in [*sorted(pids), proc.pid]:
+            _kill(pid)
+        proc.wait()
+    for pid in qemus:  # reaped by now, unless it was orphaned: then wait for its exit
+        _wait_gone(pid, STOP_DEADLINE)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until *pid* (not necessarily our child) has exited; pidfds signal that."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(int(timeout * 1000)) and not _gone(pid):
+            raise GuestError(f"QEMU (pid {pid}) still running {timeout:.0f}s after SIGKILL")
+    finally:
+        os.close(fd)
+
+
 def run_guest(
     image: GuestImage,
     share: Path,
@@ -429,10 +559,13 @@ def run_guest(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)
-    kernel, initrd = workdir / "vmlinuz", workdir / "initrd.cpio.gz"
+    kernel, initrd = workdir / image.kernel.name, workdir / "initrd.cpio.gz"
     for src, dst in ((image.kernel, kernel), (image.initrd, initrd)):
-        shutil.copyfile(src, dst)
-        os.chmod(dst, 0o644)
+        os.chmod(src, 0o644)  # the cache's own directory may be private; the files need not be
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system
+            shutil.copyfile(src, dst)
     pidfile = workdir / "qemu.pid"
     console_path = workdir / "console.log"
     argv = qemu_argv(kernel, initrd, share, cache=cache, extra_append=extra_append)
@@ -455,20 +588,7 @@ def run_guest(
             except subprocess.TimeoutExpired:
                 timed_out = True
         finally:
-            # QEMU first (under strace it is a child; killing strace first
-            # would detach it and leave it running), then the wrapper.
-            pids = set(_descendants(proc.pid))
-            with contextlib.suppress(OSError, ValueError):
-                qpid = int(pidfile.read_text().strip())
-                if _is_qemu(qpid):
-                    pids.add(qpid)
-            for pid in sorted(pids):
-                if _is_qemu(pid):
-                    _kill(pid)
-            if proc.poll() is None:
-                for pid in [*sorted(pids), proc.pid]:
-                    _kill(pid)
-            proc.wait()
+            _stop(proc, pidfile)
     seconds = time.monotonic() - start
     text = console_path.read_text(errors="replace").replace("\r\n", "\n")
     return GuestRun(

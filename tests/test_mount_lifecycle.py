@@ -41,6 +41,19 @@ def test_relative_source_is_shown_absolute(small_source: Path) -> None:
         assert (m.path / "file").read_bytes() == b"small\n"
 
 
+def test_paths_with_spaces_and_odd_bytes(world_tmp: Path) -> None:
+    src = world_tmp / "my store\tdir\\x"
+    src.mkdir()
+    (src / "a file").write_bytes(b"spaced\n")
+    mnt = world_tmp / "mount point"
+    mnt.mkdir()
+    with util.mounted(src, mnt) as m:
+        assert m.entry is not None
+        assert m.entry.source == str(src)
+        assert m.entry.mountpoint == str(mnt)
+        assert (mnt / "a file").read_bytes() == b"spaced\n"
+
+
 def test_owner_defaults_to_the_daemon_user(small_source: Path) -> None:
     with util.mounted(small_source) as m:
         assert os.lstat(m.path / "file").st_uid == os.geteuid()

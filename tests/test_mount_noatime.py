@@ -111,6 +111,19 @@ emit({"src": read_file(DATA["src"], os.O_NOATIME).hex(),
     assert after["noatime_dropped"] == before["noatime_dropped"], (before, after)
 
 
+def test_other_users_noatime_is_still_refused_by_the_kernel(store_mount: util.Mount) -> None:
+    """One presented owner per mount: to anyone else the file is not theirs (DESIGN fact 4)."""
+    code = """
+p = DATA + "/noatime/file.txt"
+emit({"noatime": errno_of(read_file, p, os.O_NOATIME), "plain": errno_of(read_file, p)})
+"""
+    before = store_mount.status()
+    r = util.run_as(4242, 4242, code, str(store_mount.path))
+    after = store_mount.status()
+    assert r == {"noatime": errno.EPERM, "plain": 0}
+    assert after["noatime_dropped"] == before["noatime_dropped"]
+
+
 # --------------------------------------------------------------------------- atime, for real
 
 
@@ -153,6 +166,7 @@ def test_root_keeps_noatime_and_backing_atime_is_untouched(strictatime_source: P
         final = m.status()
     assert after["noatime_kept"] - before["noatime_kept"] == 1, (before, after)
     assert after["noatime_dropped"] == before["noatime_dropped"], (before, after)
+    assert sum(after["kept_by_process"].values()) - sum(before["kept_by_process"].values()) == 1
     assert final["noatime_kept"] == after["noatime_kept"], (after, final)
     # The O_NOATIME read left the backing atime alone; the plain read moved it
     # (so the first assertion is not vacuous on this source).

@@ -571,11 +571,14 @@ def _as_user_prefix(
     gid: int,
     userns: Userns,
     groups: Sequence[int] | None,
+    init_groups: bool = False,
 ) -> list[str]:
     prefix: list[str] = []
-    if (uid, gid) != (0, 0) or groups is not None:
+    if (uid, gid) != (0, 0) or groups is not None or init_groups:
         prefix = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
-        if groups:
+        if init_groups:
+            prefix.append("--init-groups")  # the user's groups from /etc/group
+        elif groups:
             prefix.append("--groups=" + ",".join(str(g) for g in groups))
         else:
             prefix.append("--clear-groups")
@@ -593,6 +596,7 @@ def run_as_argv(
     *,
     userns: Userns = None,
     groups: Sequence[int] | None = None,
+    init_groups: bool = False,
     input_text: str = "",
     env: Mapping[str, str] | None = None,
     timeout: float = 120,
@@ -603,13 +607,14 @@ def run_as_argv(
     *userns* ``"user"`` is ``unshare -r`` (the user becomes root of a new user
     namespace), ``"mount"`` is ``unshare -rm`` (plus a private mount namespace,
     for overlay mounts). Supplementary groups are cleared unless *groups* is
-    given. Returns the completed process (no check).
+    given or *init_groups* (``setpriv --init-groups``: the groups /etc/group gives
+    the user; needs a passwd entry). Returns the completed process (no check).
     """
     run_env = {"PATH": _SAFE_PATH, "HOME": "/", "LANG": "C.UTF-8"}
     if env:
         run_env.update(env)
     return subprocess.run(
-        [*_as_user_prefix(uid, gid, userns, groups), *argv],
+        [*_as_user_prefix(uid, gid, userns, groups, init_groups), *argv],
         input=input_text,
         capture_output=True,
         text=True,
@@ -628,6 +633,7 @@ def run_as(
     *,
     userns: Userns = None,
     groups: Sequence[int] | None = None,
+    init_groups: bool = False,
     env: Mapping[str, str] | None = None,
     timeout: float = 120,
 ) -> Any:
@@ -644,6 +650,7 @@ def run_as(
         [SYSTEM_PYTHON, "-c", PROBE_LIB + "\n" + code],
         userns=userns,
         groups=groups,
+        init_groups=init_groups,
         input_text=json.dumps(data),
         env=env,
         timeout=timeout,

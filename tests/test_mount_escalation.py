@@ -46,7 +46,14 @@ MODES = (
     0o000,
 )
 OTHER = (1000, 1000)  # "another user": owns files, and is a caller
-OWNERS = {"root": (0, 0), "other": OTHER, "owner": util.NOBODY}
+#: Owner classes of the table: root, another user, the presented owner itself, and
+#: root with the presented owner's group (group bits then decide what 65534 may do).
+OWNERS = {
+    "root": (0, 0),
+    "other": OTHER,
+    "owner": util.NOBODY,
+    "root-nogroup": (0, util.NOBODY[1]),
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Caller:
     uid: int
     gid: int
     userns: util.Userns = None
+    groups: tuple[int, ...] | None = None
     overlay: bool = False
     exact: bool = False  # must see exactly SOURCE's outcomes, not just no more
 
@@ -64,6 +72,8 @@ CALLERS = (
     Caller("presented-owner-userns-root", *util.NOBODY, userns="user"),
     Caller("presented-owner-userns-overlay", *util.NOBODY, userns="mount", overlay=True),
     Caller("other-user-1000", *OTHER),
+    Caller("other-user-1000-userns-root", *OTHER, userns="user"),
+    Caller("group-member-4242-in-1000", 4242, 4242, groups=(4242, OTHER[1])),
     Caller("stranger-4242", 4242, 4242),
     Caller("root", 0, 0),
 )
@@ -168,7 +178,9 @@ def test_never_more_than_source(table: Table, caller: Caller) -> None:
             os.chown(ov_base / part, caller.uid, caller.gid)
             data["overlay"][part] = str(ov_base / part)
     try:
-        result = util.run_as(caller.uid, caller.gid, _PROBE, data, userns=caller.userns)
+        result = util.run_as(
+            caller.uid, caller.gid, _PROBE, data, userns=caller.userns, groups=caller.groups
+        )
     finally:
         if ov_base is not None:
             shutil.rmtree(ov_base)

@@ -34,12 +34,10 @@ from qemu import guest
 
 from noatimefs import storegen
 
-pytestmark = pytest.mark.qemu
-
 #: The uid QEMU runs as and the mount presents entries as owned by.
 QEMU_UID = util.NOBODY[0]
 #: A normal boot takes 5-10 s here under TCG; this only bounds a broken one.
-BOOT_TIMEOUT = 150.0
+BOOT_TIMEOUT = 90.0
 #: For the hung-guest test: how long before the hang is declared.
 HANG_TIMEOUT = 10.0
 #: Checks every good guest run must report PASS.
@@ -266,6 +264,7 @@ def assert_guest_ok(run: guest.GuestRun, source: Path) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("cache", ["loose", "none"])
 def test_guest_overlay_on_noatimefs(
     guest_image: guest.GuestImage, guest_store: Path, cache: str
@@ -297,6 +296,7 @@ def test_guest_overlay_on_noatimefs(
     assert re.search(r"O_NOATIME dropped: pid \d+ \(qemu-system-x86", daemon_log), daemon_log
 
 
+@pytest.mark.qemu
 def test_guest_on_the_source_itself_gets_eperm(
     guest_image: guest.GuestImage, guest_store: Path
 ) -> None:
@@ -318,6 +318,7 @@ def test_guest_on_the_source_itself_gets_eperm(
         assert after[0].fd >= 0, (o, after[0])
 
 
+@pytest.mark.qemu
 def test_hung_guest_fails_with_console_and_leaves_nothing(
     guest_image: guest.GuestImage, guest_store: Path
 ) -> None:
@@ -343,6 +344,7 @@ def test_hung_guest_fails_with_console_and_leaves_nothing(
     assert not util.pids_mentioning(str(mnt))
 
 
+@pytest.mark.qemu
 def test_failed_boot_fails_with_console(
     guest_image: guest.GuestImage, guest_store: Path, tmp_path: Path
 ) -> None:
@@ -357,3 +359,62 @@ def test_failed_boot_fails_with_console(
         assert_guest_ok(run, guest_store)
     assert "did not finish" in str(excinfo.value)
     assert run.console in str(excinfo.value)
+
+
+# --------------------------------------------------------------------------- harness (no QEMU)
+
+
+def test_resolve_modules_puts_dependencies_first() -> None:
+    dep = (
+        "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n"
+        "kernel/net/9p/9pnet.ko.xz:\n"
+        "kernel/fs/netfs/netfs.ko.xz:\n"
+        "kernel/net/9p/9pnet_virtio.ko.xz: "
+        "kernel/drivers/virtio/virtio.ko.xz kernel/net/9p/9pnet.ko.xz\n"
+        "kernel/drivers/virtio/virtio.ko.xz:\n"
+        "kernel/fs/overlayfs/overlay.ko.xz:\n"
+    )
+    order = guest.resolve_modules(dep, ["9pnet_virtio", "9p"])
+    assert [guest._module_name(p) for p in order] == [
+        "virtio",
+        "9pnet",
+        "9pnet_virtio",
+        "netfs",
+        "9p",
+    ]
+    with pytest.raises(guest.GuestError, match="ext4"):
+        guest.resolve_modules(dep, ["ext4"])
+    with pytest.raises(guest.GuestError, match="cycle"):
+        guest.resolve_modules("a.ko: b.ko\nb.ko: a.ko\n", ["a"])
+
+
+def test_parse_console() -> None:
+    text = (
+        "SeaBIOS\r\nCHECK modules PASS 11 loaded\n[ 1.0] kernel noise\n"
+        "SUM " + "ab" * 32 + " data/x y\nCHECK copy-up FAIL merged=1\nCHECK modules FAIL again\n"
+        "GUEST-DONE\n"
+    )
+    report = guest.parse_console(text)
+    assert report.done
+    assert report.sums == {"data/x y": "ab" * 32}
+    assert report.failed() == {"copy-up": ("FAIL", "merged=1"), "modules": ("FAIL", "again")}
+    assert not guest.parse_console("CHECK a PASS\nGUEST-DONE-NOT\n").done
+
+
+def test_parse_strace(tmp_path: Path) -> None:
+    (tmp_path / "qemu.101").write_text(
+        'openat(11</s/data>, "f", O_RDONLY|O_NOFOLLOW|O_NOATIME)'
+        " = -1 EPERM (Operation not permitted)\n"
+        'openat(11</s/data>, "f", O_RDONLY|O_NOFOLLOW) = 10</s/data/f>\n'
+        'openat(AT_FDCWD</w>, "/s", O_RDONLY|O_DIRECTORY) = 3</s>\n'
+        'open("/etc/x", O_RDONLY) = -1 ENOENT (No such file or directory)\n'
+        "+++ exited with 0 +++\n"
+    )
+    opens = parse_strace(tmp_path / "qemu")
+    assert [(o.path, o.noatime, o.fd, o.error) for o in opens] == [
+        ("/s/data/f", True, -1, "EPERM"),
+        ("/s/data/f", False, 10, ""),
+        ("/s", False, 3, ""),
+        ("/etc/x", False, -1, "ENOENT"),
+    ]
+    assert len(below(opens, Path("/s"))) == 3

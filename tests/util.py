@@ -78,6 +78,7 @@ STATUS_XATTR = "user.noatimefs.status"
 #: How long a daemon may take to mount, or to exit after an unmount.
 DAEMON_DEADLINE = 20.0
 _MOUNTINFO = "/proc/self/mountinfo"
+_LOG_KEEP = 1 << 20  # characters of a finished daemon's log kept in memory
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -135,14 +136,24 @@ def mount_entries() -> list[MountEntry]:
     return entries
 
 
+def _resolve(path: str | os.PathLike[str]) -> str:
+    """The path as mountinfo spells it: symlinks resolved in the parent only.
+
+    The last component is not touched (``realpath`` would stat it, and a
+    mountpoint with a wedged daemon behind it may never answer).
+    """
+    p = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+
 def _mount_ids(path: str | os.PathLike[str]) -> frozenset[int]:
-    target = os.path.realpath(path)
+    target = _resolve(path)
     return frozenset(e.mount_id for e in mount_entries() if e.mountpoint == target)
 
 
 def mount_entry(path: str | os.PathLike[str]) -> MountEntry | None:
-    """The topmost mount on *path* (given as the caller spelled it, resolved here)."""
-    target = os.path.realpath(path)
+    """The topmost mount on *path* (its parent's symlinks resolved; the path itself not)."""
+    target = _resolve(path)
     found = None
     for entry in mount_entries():
         if entry.mountpoint == target:
@@ -152,7 +163,7 @@ def mount_entry(path: str | os.PathLike[str]) -> MountEntry | None:
 
 def mounts_below(path: str | os.PathLike[str]) -> list[MountEntry]:
     """Mounts on *path* or anywhere below it."""
-    top = os.path.realpath(path)
+    top = _resolve(path)
     return [e for e in mount_entries() if e.mountpoint == top or e.mountpoint.startswith(top + "/")]
 
 
@@ -177,7 +188,7 @@ def umount(path: str | os.PathLike[str], *, fuse: bool = True) -> list[str]:
     Returns the problems met on the way (empty when the first attempt worked).
     """
     problems: list[str] = []
-    p = os.path.realpath(path)
+    p = _resolve(path)
     cmds = [["fusermount3", "-u", p]] if fuse else []
     cmds += [["umount", p], ["umount", "-l", p]]
     for cmd in cmds:
@@ -209,6 +220,10 @@ def world_tmpdir(prefix: str = "noatimefs-test-") -> Iterator[Path]:
         leaked = mounts_below(d)
         for entry in reversed(leaked):
             subprocess.run(["umount", "-l", entry.mountpoint], capture_output=True, check=False)
+        stuck = mounts_below(d)
+        if stuck:  # never rmtree through a mount (it could be a bind of anything)
+            names = ", ".join(f"{e.mountpoint} ({e.fstype})" for e in stuck)
+            raise AssertionError(f"cannot unmount below {d}, left in place: {names}")
         shutil.rmtree(d)
         if leaked:
             names = ", ".join(f"{e.mountpoint} ({e.fstype})" for e in leaked)
@@ -430,7 +445,14 @@ def mounted(
                 env=run_env,
                 cwd="/",
             )
-        m = Mount(path=mnt, source=Path(source), proc=proc, log_path=log_path, argv=argv)
+        m = Mount(
+            path=mnt,
+            source=Path(source),
+            proc=proc,
+            log_path=log_path,
+            argv=argv,
+            preexisting=already,
+        )
         m.seq = current_seq()
         REGISTRY.append(m)
         try:
@@ -492,7 +514,8 @@ def _stop(m: Mount, expect_clean_exit: bool) -> list[str]:
         if was_running and expect_clean_exit and m.proc.returncode != 0:
             problems.append(f"daemon exited with {m.proc.returncode}, expected 0 after unmount")
     finally:
-        m._final_log = m.log_text()
+        text = m.log_text()  # kept for failure reports after the log file is gone
+        m._final_log = text if len(text) <= _LOG_KEEP else "…\n" + text[-_LOG_KEEP:]
         m.finished_seq = current_seq()
     if problems:
         problems.append(m.describe())

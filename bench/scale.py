@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""The million-entry walk: daemon memory and descriptors at real scale.
+
+Mounts a metadata-only store tree made by :mod:`noatimefs.storegen` (cached
+under ``/var/tmp/noatimefs-scale``), then measures, from the daemon's status
+xattr (``user.noatimefs.status`` on the mount root: ``inodes``, ``rss``,
+``fds``) and psutil:
+
+1. the state after mounting;
+2. after ``find MNT -printf '%i %s\\n'`` (every entry looked up and stat-ed);
+3. after ``echo 2 > /proc/sys/vm/drop_caches`` (the kernel evicts its inodes
+   and sends FORGETs; the daemon's table should shrink back to the root);
+4. after a second walk (RSS should reuse the memory freed in 3, not grow);
+5. descriptors around ``--cycles`` open/close cycles of small files.
+
+Bytes per remembered inode = RSS growth over the walk / inodes added. RSS
+often does not fall back after the forget (CPython keeps its freed small-object
+arenas); the table size and the second walk are what show the memory is
+bounded. Run as root (it mounts and drops caches)::
+
+    .venv/bin/python bench/scale.py --entries 1000000 [--json out.json]
+
+The tests import :func:`walk_and_forget` and :func:`open_close_cycles` and
+run them on their own mounts (``tests/test_scale_walk.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from noatimefs import storegen  # noqa: E402
+
+STATUS_XATTR = "user.noatimefs.status"
+CACHE_DIR = Path("/var/tmp/noatimefs-scale")
+MOUNT_DEADLINE = 30.0
+#: How long to wait for the daemon's table to settle after drop_caches.
+FORGET_DEADLINE = 120.0
+
+Status = Callable[[], dict[str, Any]]
+
+
+def tree_args(entries: int) -> dict[str, int]:
+    """The storegen arguments of the walk's tree (metadata only: empty files)."""
+    return {"entries": entries, "files_per_path": 12, "max_file_size": 0, "seed": 0}
+
+
+def vmstat_drops() -> int:
+    """How many times anyone wrote to drop_caches since boot (``drop_slab`` in /proc/vmstat)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "drop_slab":
+                return int(value)
+    return 0
+
+
+def drop_caches(level: int) -> None:
+    """``echo LEVEL > /proc/sys/vm/drop_caches`` (2: dentries and inodes; 3: also pages)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(f"{level}\n")
+
+
+def read_status(mnt: str | os.PathLike[str]) -> dict[str, Any]:
+    result = json.loads(os.getxattr(mnt, STATUS_XATTR))
+    assert isinstance(result, dict)
+    return result
+
+
+def snapshot(status: Status) -> dict[str, int]:
+    s = status()
+    return {"inodes": int(s["inodes"]), "rss": int(s["rss"]), "fds": int(s["fds"])}
+
+
+def wait_for_forgets(status: Status, floor: int, deadline: float = FORGET_DEADLINE) -> float:
+    """Poll the daemon until its table is at most *floor* inodes or stops shrinking.
+
+    FORGETs arrive in batches after the kernel evicts its inodes; the table has
+    settled when it reaches *floor* or has not changed for one second. Returns
+    the seconds waited. (A poll with a deadline, not a sleep for synchronisation.)
+    """
+    t0 = time.monotonic()
+    last = snapshot(status)["inodes"]
+    last_change = t0
+    while True:
+        now = time.monotonic()
+        inodes = snapshot(status)["inodes"]
+        if inodes <= floor or now - t0 > deadline:
+            return now - t0
+        if inodes != last:
+            last, last_change = inodes, now
+        elif now - last_change > 1.0:
+            return now - t0
+        time.sleep(0.05)
+
+
+@dataclasses.dataclass
+class WalkResult:
+    entries_seen: int
+    walk_seconds: float
+    forget_seconds: float
+    start: dict[str, int]
+    walked: dict[str, int]
+    forgotten: dict[str, int]
+    rewalked: dict[str, int] | None
+    #: drop_caches by other processes during the walks: they make the kernel forget
+    #: (and the table shrink) mid-walk, so "after find" then undercounts the entries.
+    foreign_drops: int = 0
+
+    @property
+    def bytes_per_inode(self) -> float:
+        added = self.walked["inodes"] - self.start["inodes"]
+        return (self.walked["rss"] - self.start["rss"]) / max(1, added)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bytes_per_inode"] = round(self.bytes_per_inode, 1)
+        return d
+
+    def text(self) -> str:
+        def row(name: str, s: dict[str, int] | None) -> str:
+            if s is None:
+                return ""
+            return (
+                f"  {name:<22} inodes {s['inodes']:>9,}  rss {s['rss'] / 2**20:8.1f} MiB"
+                f"  fds {s['fds']}\n"
+            )
+
+        return (
+            f"walked {self.entries_seen:,} entries in {self.walk_seconds:.1f} s; "
+            f"table settled {self.forget_seconds:.1f} s after drop_caches\n"
+            + row("after mount", self.start)
+            + row("after find", self.walked)
+            + row("after drop_caches 2", self.forgotten)
+            + row("after a second find", self.rewalked)
+            + f"  RSS per remembered inode: {self.bytes_per_inode:.0f} bytes\n"
+            + (
+                f"  WARNING: {self.foreign_drops} drop_caches by other processes during the "
+                "walks (the kernel forgot entries mid-walk)\n"
+                if self.foreign_drops
+                else ""
+            )
+        )
+
+
+def find_count(mnt: str | os.PathLike[str]) -> tuple[int, float]:
+    """Run ``find MNT -printf '%i %s\\n'``; the number of lines and the seconds taken."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        r = subprocess.run(["find", os.fspath(mnt), "-printf", "%i %s\n"], stdout=out, check=False)
+        seconds = time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"find {mnt} exited {r.returncode}")
+        out.seek(0)
+        lines = sum(1 for _ in out)
+    return lines, seconds
+
+
+def walk_and_forget(
+    mnt: str | os.PathLike[str], status: Status | None = None, rewalk: bool = True
+) -> WalkResult:
+    """Walk *mnt* with find, make the kernel forget, optionally walk again; measure each step."""
+    status = status or (lambda: read_status(mnt))
+    drop_caches(2)  # start from a kernel that remembers nothing of this mount
+    wait_for_forgets(status, floor=1)
+    start = snapshot(status)
+    drops0 = vmstat_drops()
+    entries, walk_seconds = find_count(mnt)
+    walked = snapshot(status)
+    foreign = vmstat_drops() - drops0
+    drop_caches(2)
+    forget_seconds = wait_for_forgets(status, floor=start["inodes"])
+    forgotten = snapshot(status)
+    rewalked = None
+    if rewalk:
+        drops0 = vmstat_drops()
+        find_count(mnt)
+        rewalked = snapshot(status)
+        foreign += vmstat_drops() - drops0
+        drop_caches(2)
+        wait_for_forgets(status, floor=start["inodes"])
+    return WalkResult(
+        entries, walk_seconds, forget_seconds, start, walked, forgotten, rewalked, foreign
+    )
+
+
+def wait_for_releases(status: Status, deadline: float = 30.0) -> None:
+    """Poll until the daemon holds no handle (the kernel sends RELEASE asynchronously)."""
+    end = time.monotonic() + deadline
+    while status()["handles"]:
+        if time.monotonic() > end:
+            raise RuntimeError(f"handles still open {deadline} s after the last close: {status()}")
+        time.sleep(0.01)
+
+
+@dataclasses.dataclass
+class CycleResult:
+    cycles: int
+    seconds: float
+    fds_before: int
+    fds_after: int
+    fds_while_open: int
+    held: int
+
+    def text(self) -> str:
+        return (
+            f"{self.cycles:,} open/read/close cycles in {self.seconds:.1f} s "
+            f"({self.cycles / self.seconds:,.0f}/s): daemon fds {self.fds_before} -> "
+            f"{self.fds_after}; with {self.held} files held open: {self.fds_while_open}\n"
+        )
+
+
+def open_close_cycles(
+    files: Sequence[str], cycles: int, status: Status, held: int = 100
+) -> CycleResult:
+    """Open, read one byte from and close *files* round-robin *cycles* times.
+
+    Then hold *held* of them open at once, to see descriptors follow handles.
+    """
+    fds_before = snapshot(status)["fds"]
+    t0 = time.monotonic()
+    n = len(files)
+    for i in range(cycles):
+        fd = os.open(files[i % n], os.O_RDONLY)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
+    seconds = time.monotonic() - t0
+    wait_for_releases(status)
+    fds_after = snapshot(status)["fds"]
+    opened: list[int] = []
+    try:
+        for path in files[:held]:
+            opened.append(os.open(path, os.O_RDONLY))
+        fds_while_open = snapshot(status)["fds"]
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return CycleResult(cycles, seconds, fds_before, fds_after, fds_while_open, len(opened))
+
+
+def table_cost(root: str, limit: int) -> dict[str, float]:
+    """Remember up to *limit* entries of *root* in an in-process :class:`InodeTable`.
+
+    The daemon's table without FUSE or the kernel in the way (nothing can
+    evict): RSS growth per node, and RSS after the table is dropped again.
+    """
+    import gc
+
+    import psutil
+
+    from noatimefs.inodes import InodeTable, Node
+
+    proc = psutil.Process()
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    table = InodeTable(os.stat(root))
+    stack: list[tuple[str, Node]] = [(root, table.root)]
+    t0 = time.monotonic()
+    while stack and len(table) < limit:
+        path, node = stack.pop()
+        with os.scandir(path) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                child = table.remember(node, os.fsencode(entry.name), st)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, child))
+    seconds = time.monotonic() - t0
+    nodes = len(table)
+    rss1 = proc.memory_info().rss
+    del table, stack, node
+    gc.collect()
+    rss2 = proc.memory_info().rss
+    return {
+        "nodes": nodes,
+        "seconds": round(seconds, 1),
+        "rss_before": rss0,
+        "rss_full": rss1,
+        "rss_after_del": rss2,
+        "bytes_per_node": round((rss1 - rss0) / max(1, nodes), 1),
+    }
+
+
+# ---------------------------------------------------------------- a mount of our own
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == path for line in f)
+
+
+@contextlib.contextmanager
+def mount(source: str, workdir: Path, *args: str) -> Iterator[tuple[str, int]]:
+    """``noatimefs SOURCE WORKDIR/mnt`` for the block; yields (mountpoint, daemon pid)."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    log = workdir / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "noatimefs", *args, source, str(mnt)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        deadline = time.monotonic() + MOUNT_DEADLINE
+        while not _mounted(str(mnt)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"noatimefs did not mount:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield str(mnt), proc.pid
+    finally:
+        if _mounted(str(mnt)):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        if _mounted(str(mnt)):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        try:
+            proc.wait(MOUNT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        sys.stderr.write(f"daemon exit {proc.returncode}; log tail:\n")
+        sys.stderr.write("".join(log.read_text(errors="replace").splitlines(True)[-5:]))
+
+
+def small_files(root: str, limit: int) -> list[str]:
+    """Up to *limit* regular files below *root* (through the mount)."""
+    found: list[str] = []
+    for dirpath, _, filenames in os.walk(root):
+        found += (os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
+        if len(found) >= limit:
+            break
+    return [p for p in found if os.path.isfile(p) and not os.path.islink(p)][:limit]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--entries", type=int, default=1_000_000)
+    p.add_argument("--cycles", type=int, default=100_000, help="open/close cycles (0: none)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--table", action="store_true", help="also measure an in-process InodeTable of the tree"
+    )
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        p.error("run as root (mounts, drop_caches)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    dest = CACHE_DIR / f"store-{args.entries}"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    summary = storegen.ensure_tree(dest, **tree_args(args.entries))
+    print(
+        f"tree {dest}: {summary.entries:,} entries ({summary.dirs:,} dirs, "
+        f"{summary.files:,} files, {summary.symlinks:,} symlinks), "
+        f"ready in {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
+    results: dict[str, Any] = {"tree": summary.to_json()}
+    if args.table:
+        cost = table_cost(str(dest), args.entries + 1)
+        print(
+            f"in-process InodeTable of {cost['nodes']:,} nodes: "
+            f"{cost['bytes_per_node']:.0f} bytes/node (RSS {cost['rss_before'] / 2**20:.0f} -> "
+            f"{cost['rss_full'] / 2**20:.0f} MiB, {cost['rss_after_del'] / 2**20:.0f} MiB "
+            "after the table is dropped)",
+            flush=True,
+        )
+        results["table"] = cost
+    work = Path(tempfile.mkdtemp(prefix="noatimefs-scale-"))
+    try:
+        with mount(str(dest), work) as (mnt, pid):
+            walk = walk_and_forget(mnt)
+            print(walk.text(), flush=True)
+            results["walk"] = walk.to_json()
+            if args.cycles:
+                files = small_files(mnt, 1000)
+                cyc = open_close_cycles(files, args.cycles, lambda: read_status(mnt))
+                print(cyc.text(), flush=True)
+                results["cycles"] = dataclasses.asdict(cyc)
+            results["daemon_pid"] = pid
+            results["final_status"] = read_status(mnt)
+    finally:
+        with contextlib.suppress(OSError):
+            (work / "mnt").rmdir()
+        for leftover in work.iterdir():
+            leftover.unlink()
+        work.rmdir()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

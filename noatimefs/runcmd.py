@@ -136,6 +136,7 @@ class PrivateMount:
         self.mountpoint = os.path.join(self.workdir, "mnt")
         os.mkdir(self.mountpoint, 0o755)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.live = False
         # Bound until close(): the daemon's STOPPING=1 must find it.
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
@@ -159,6 +160,7 @@ class PrivateMount:
             self._wait_ready(self.sock, pidfd)
         finally:
             os.close(pidfd)
+        self.live = True
 
     def _wait_ready(self, sock: socket.socket, pidfd: int) -> None:
         assert self.proc is not None
@@ -189,6 +191,8 @@ class PrivateMount:
     def close(self) -> list[str]:
         """Stop the daemon, make sure nothing is mounted, remove the directory."""
         problems: list[str] = []
+        if self.live and self.proc is not None and self.proc.poll() is not None:
+            problems.append(f"the daemon died (exit {self.proc.returncode}) while COMMAND ran")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -224,3 +225,35 @@ def test_sigterm_to_run_is_relayed_to_the_command(store: Path, tmpdir_env: Path)
         runner.kill()
     assert code == 128 + signal.SIGTERM, err
     assert_nothing_left(mnt)
+
+
+def test_daemon_killed_under_the_command_is_reported_and_cleaned_up(
+    store: Path, tmpdir_env: Path
+) -> None:
+    # The command SIGKILLs the daemon (its pid from the status xattr), then reads: an error.
+    code = (
+        "import errno, json, os, signal, sys\n"
+        "mnt = os.environ['NOATIMEFS_MOUNTPOINT']\n"
+        "print('mnt=' + mnt + ' env=' + mnt, flush=True)\n"
+        f"pid = json.loads(os.getxattr(mnt, '{util.STATUS_XATTR}'))['pid']\n"
+        "os.kill(pid, signal.SIGKILL)\n"
+        # Dead once a zombie (run reaps it only later) or gone; SIGKILL is not ignorable.
+        "def state():\n"
+        "    try:\n"
+        "        return open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()[0]\n"
+        "    except OSError:\n"
+        "        return 'gone'\n"
+        "import time\n"
+        "end = time.monotonic() + 60\n"
+        "while state() not in ('Z', 'X', 'gone') and time.monotonic() < end:\n"
+        "    os.sched_yield()\n"
+        "try:\n"
+        "    os.listdir(mnt)\n"
+        "except OSError as e:\n"
+        "    print('errno', e.errno)\n"
+    )
+    r = run(store, tmpdir_env, util.SYSTEM_PYTHON, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert f"errno {errno.ENOTCONN}" in r.stdout, r.stdout
+    assert "the daemon died" in r.stderr, r.stderr
+    assert_nothing_left(reported_mountpoint(r.stdout))

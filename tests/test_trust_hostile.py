@@ -133,6 +133,12 @@ def build(src: Path, outside: Path) -> tuple[list[bytes], list[bytes], list[list
     for k, v in HOSTILE_XATTRS.items():
         os.setxattr(s + b"/x", k, v)
     names.append(b"x")
+    # xattrs of other namespaces: trusted.* names are listed by ext4 to CAP_SYS_ADMIN only
+    with open(s + b"/tx", "wb") as fh:
+        fh.write(b"tx")
+    os.setxattr(s + b"/tx", b"trusted.overlay.secret", b"t")
+    os.setxattr(s + b"/tx", b"security.noatimefs-test", b"s")
+    os.setxattr(s + b"/tx", b"user.plain", b"u")
     # loops and a chain longer than the kernel follows (40)
     os.makedirs(s + b"/loop")
     os.symlink(b"b", s + b"/loop/a")
@@ -417,6 +423,26 @@ def test_forged_file_handles_give_no_bytes(rig: Rig) -> None:
     finally:
         os.close(mfd)
     assert rig.mount.proc.poll() is None
+
+
+_ALL_XATTR_NAMES = r"""
+emit({label: sorted(os.listxattr(root + "/tx")) for label, root in DATA.items()})
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: listxattr shows trusted.* names to unprivileged callers (SOURCE hides "
+    "them); patch: /tmp/team/patches/trust-trusted-xattr-names.diff",
+)
+def test_xattr_names_of_all_namespaces_listed_as_on_source(rig: Rig) -> None:
+    """Not only user.*: listxattr through the mount lists what SOURCE lists to the caller."""
+    roots = {"src": str(rig.src), "mnt": str(rig.mount.path)}
+    as_root = util.run_as(0, 0, _ALL_XATTR_NAMES, roots)
+    assert "trusted.overlay.secret" in as_root["src"]
+    assert as_root["mnt"] == as_root["src"]
+    as_owner = util.run_as(*util.NOBODY, _ALL_XATTR_NAMES, roots)
+    assert as_owner["mnt"] == as_owner["src"]
 
 
 _FORGE_LOG = r"""

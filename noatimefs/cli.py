@@ -243,6 +243,12 @@ def check_fuse(allow_other: bool) -> None:
         return
     if shutil.which("fusermount3") is None:
         raise QuietError("fusermount3 not found: install fuse3", Exit.FUSE)
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise QuietError(
+            f"/dev/fuse cannot be opened by uid {os.geteuid()} (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); Debian's default is 0666, or run as root",
+            Exit.FUSE,
+        )
     if allow_other and not _fuse_conf_allows_other():
         raise QuietError(
             "--allow-other needs 'user_allow_other' in /etc/fuse.conf when not run as root",

@@ -272,6 +272,8 @@ class NoatimeFS(pyfuse3.Operations):
         with _errors():
             # Serve from the page cache without a thread hand-off when we can;
             # hand the rest to a worker so a slow disk stalls only this caller.
+            # (Filesystems without RWF_NOWAIT, tmpfs among them, never block on
+            # a disk: they are read inline.)
             try:
                 while done < size:
                     n = os.preadv(fh, [view[done:]], off + done, os.RWF_NOWAIT)
@@ -279,8 +281,11 @@ class NoatimeFS(pyfuse3.Operations):
                         break
                     done += n
             except BlockingIOError:
-                rest = await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
-                done += rest
+                done += await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                done += os.preadv(fh, [view[done:]], off + done)
         # pyfuse3 replies from any buffer; a view saves copying the data again.
         return cast(bytes, view[:done])
 

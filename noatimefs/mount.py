@@ -10,10 +10,13 @@ names the one command that clears it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -78,18 +81,40 @@ async def _serve(ops: NoatimeFS) -> None:
         nursery.cancel_scope.cancel()
 
 
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
+    """Catch what libfuse writes to fd 2, so that a failed mount is still one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+
+        def lines() -> list[str]:
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            return [line.strip() for line in text.splitlines() if line.strip()]
+
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def run(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount, serve, unmount; the exit status of the daemon."""
     source = Source(config.source)
     try:
         ops = NoatimeFS(source, config.consumer, timeout=config.timeout)
-        try:
-            pyfuse3.init(ops, config.mountpoint, fuse_options(config))
-        except RuntimeError as exc:
-            raise QuietError(
-                f"cannot mount {config.mountpoint}: {exc} (see the libfuse message above)",
-                Exit.FUSE,
-            ) from None
+        with _captured_stderr() as libfuse_said:
+            try:
+                pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+            except RuntimeError as exc:
+                said = "; ".join(libfuse_said()) or str(exc)
+                raise QuietError(f"cannot mount {config.mountpoint}: {said}", Exit.FUSE) from None
+            noise = libfuse_said()
+        for line in noise:
+            log.warning("libfuse: %s", line)
         log.info(
             "mounted %s at %s (presented owner uid %d%s), pid %d",
             config.source,

@@ -71,7 +71,7 @@ def find(mountpoint: str, path: str = "/proc/self/mountinfo") -> MountEntry | No
 def is_dead(path: str) -> bool:
     """Whether *path* is a FUSE mount whose daemon is gone (``ENOTCONN``)."""
     try:
-        os.stat(path)
+        os.statvfs(path)  # stat may be answered from the kernel's cache; statfs never is
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

@@ -54,16 +54,26 @@ FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]+)(?::\d+)?\)$")
 
 
 def classify(stack: list[str], own: str) -> tuple[str, str]:
-    """(handler, leaf) for one sampled stack, outermost frame first."""
-    handler = "dispatch (pyfuse3/trio)"
-    for frame in stack:
-        m = FRAME.match(frame)
-        if m and own in m["file"] and m["func"] in HANDLERS:
-            handler = m["func"]
-            break
-    m = FRAME.match(stack[-1]) if stack else None
-    leaf = f"{m['func']} ({os.path.basename(m['file'])})" if m else (stack[-1] if stack else "?")
-    return handler, leaf
+    """(category, leaf) for one sampled stack, outermost frame first.
+
+    The category is the FUSE handler of the daemon's own code on the stack, if
+    any; else where the event loop was: waiting in or handling epoll, in
+    pyfuse3's Cython request loop (its frames are invisible: the sample lands on
+    pyfuse3's Python wrapper around it), or elsewhere in trio.
+    """
+    frames = [m for m in map(FRAME.match, stack) if m]
+    leaf = f"{frames[-1]['func']} ({os.path.basename(frames[-1]['file'])})" if frames else "?"
+    for m in frames:
+        if own in m["file"] and m["func"].rpartition(".")[2] in HANDLERS:
+            return m["func"].rpartition(".")[2], leaf
+    last = frames[-1]["func"] if frames else ""
+    if "_io_epoll" in (frames[-1]["file"] if frames else "") and "get_events" in last:
+        return "trio: epoll_wait and events", leaf
+    if last == "async_wrapper.<locals>.wrapper":
+        return "pyfuse3: Cython request loop (decode, dispatch, reply)", leaf
+    if any("_pyfuse3.py" in m["file"] for m in frames):
+        return "pyfuse3/trio: task switches of a request", leaf
+    return "trio: scheduler, other", leaf
 
 
 def summarize(raw: Path, own: str, top: int = 5) -> tuple[int, list[str]]:

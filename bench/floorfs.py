@@ -21,10 +21,12 @@ nothing outside the snapshot exists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import resource
+import select
 import signal
 import stat
 import sys
@@ -217,6 +219,45 @@ def _raise_nofile() -> int:
         return hard
 
 
+def _fuse_fd() -> int:
+    """The descriptor this process has open on /dev/fuse (pyfuse3 keeps it private)."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+    raise RuntimeError("no /dev/fuse descriptor")
+
+
+def fast_loop(every: int = 64) -> None:
+    """Experiment: let pyfuse3's request loop read the next request without parking.
+
+    pyfuse3 parks every worker on a trio lock and ``wait_readable`` (an
+    ``epoll_ctl`` pair and a scheduler pass) before *each* request.  This
+    replaces that wait with a zero-timeout ``poll``: while requests are queued
+    they are read back to back, with a trio checkpoint every ``every``
+    requests.  Only safe with one worker task (``max_tasks=1``), since a
+    second, parked reader could be woken for a request this one already took,
+    and with handlers that never block.
+    """
+    fd = _fuse_fd()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    parked = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]
+    count = 0
+
+    async def wait_fuse_readable() -> bool:
+        nonlocal count
+        if poller.poll(0):
+            count += 1
+            if count % every == 0:
+                await trio.lowlevel.checkpoint()
+            return True
+        result: bool = await parked()
+        return result
+
+    pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
+
+
 async def _serve(max_tasks: int) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -239,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--owner", type=int, default=os.getuid(), help="presented uid")
     p.add_argument("--max-tasks", type=int, default=99, help="pyfuse3 worker tasks")
     p.add_argument("--debug", action="store_true")
+    p.add_argument(
+        "--fast-loop", action="store_true", help="experiment: read queued requests without parking"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -251,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options |= {"ro", "allow_other", "fsname=" + os.path.abspath(args.source), "subtype=floorfs"}
     pyfuse3.init(ops, args.mountpoint, options)
     log.info("mounted %s on %s", args.source, args.mountpoint)
+    if args.fast_loop:
+        fast_loop()
+        args.max_tasks = 1
+        log.info("fast loop: one worker task, no parking while requests are queued")
     try:
         trio.run(_serve, args.max_tasks)
     finally:

@@ -49,6 +49,9 @@ sys.path.insert(0, str(REPO))
 from noatimefs import storegen  # noqa: E402
 
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
+# Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
+# one task and a request loop that does not park between queued requests.
+EXTRA_MODES = ("floor-t1", "floor-fast")
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
 MOUNT_TIMEOUT = 120.0
@@ -132,6 +135,26 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
         return ["bindfs", "-f", "--multithreaded", "-o", opts, f"--force-user={owner}", source, mnt]
     if mode == "floor":
         return [sys.executable, str(HERE / "floorfs.py"), "--owner", uid, source, mnt]
+    if mode == "floor-t1":
+        return [
+            sys.executable,
+            str(HERE / "floorfs.py"),
+            "--max-tasks=1",
+            "--owner",
+            uid,
+            source,
+            mnt,
+        ]
+    if mode == "floor-fast":
+        return [
+            sys.executable,
+            str(HERE / "floorfs.py"),
+            "--fast-loop",
+            "--owner",
+            uid,
+            source,
+            mnt,
+        ]
     raise ValueError(mode)
 
 
@@ -508,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     workloads = [w for w in args.workloads.split(",") if w]
-    unknown = set(modes) - set(MODES) | set(workloads) - set(WORKLOADS)
+    unknown = set(modes) - set(MODES) - set(EXTRA_MODES) | set(workloads) - set(WORKLOADS)
     if unknown:
         print(f"bench: error: unknown mode or workload: {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -137,6 +137,12 @@ def read_chunk(fd, name, i):
         out["chunks"] += 1
         out["bytes"] += n
 
+def close(fd):
+    try:
+        os.close(fd)  # through FUSE a close is a flush, which a dead daemon fails
+    except OSError as e:
+        error(e, "close")
+
 def open_file(name):
     flags = os.O_RDONLY
     if rng.random() < 0.5:
@@ -169,7 +175,7 @@ for name, fd in held.items():
     except OSError as e:
         error(e, "held " + name)
     finally:
-        os.close(fd)
+        close(fd)
 if DATA.get("reopen"):
     out["reopen"] = {}
     for name in DATA["hold"]:
@@ -202,7 +208,7 @@ while todo > 0 or (DATA["seconds"] and time.monotonic() < end):
         if DATA["stop_on_error"]:
             break
     finally:
-        os.close(fd)
+        close(fd)
 out["wrong_count"] = len(out["wrong"])
 out["wrong"] = out["wrong"][:20]
 emit(out)

@@ -21,8 +21,10 @@ nothing outside the snapshot exists.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
+import json
 import logging
 import os
 import resource
@@ -107,6 +109,7 @@ class FloorOperations(pyfuse3.Operations):
         super().__init__()
         self.nodes = snapshot(source, uid)
         self.fds: dict[int, int] = {}  # inode -> cached read-only descriptor
+        self.calls: collections.Counter[str] = collections.Counter()  # requests by type
         self.max_fds = _raise_nofile() - 64
         sv = os.statvfs(source)
         self.statvfs = pyfuse3.StatvfsData()
@@ -127,6 +130,7 @@ class FloorOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self.calls["lookup"] += 1
         children = self._node(parent_inode).children
         if children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -136,20 +140,24 @@ class FloorOperations(pyfuse3.Operations):
         return self._node(ino).attr
 
     async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.calls["getattr"] += 1
         return self._node(inode).attr
 
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
+        self.calls["readlink"] += 1
         target = self._node(inode).target
         if target is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return FileNameT(target)
 
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        self.calls["opendir"] += 1
         if self._node(inode).names is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.calls["readdir"] += 1
         names = self._node(fh).names or []
         nodes = self.nodes
         for i in range(start_id, len(names)):
@@ -160,11 +168,13 @@ class FloorOperations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh: FileHandleT) -> None:
+        self.calls["releasedir"] += 1
         pass
 
     async def open(
         self, inode: InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
+        self.calls["open"] += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         fd = self.fds.get(inode)
@@ -180,6 +190,7 @@ class FloorOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandleT(inode), keep_cache=True)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        self.calls["read"] += 1
         fd = self.fds.get(fh)
         if fd is None:  # evicted while open: reopen
             fd = os.open(self._node(fh).path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -187,22 +198,27 @@ class FloorOperations(pyfuse3.Operations):
         return os.pread(fd, size, off)
 
     async def release(self, fh: FileHandleT) -> None:
+        self.calls["release"] += 1
         pass
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self.calls["statfs"] += 1
         return self.statvfs
 
     async def getxattr(
         self, inode: InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        self.calls["getxattr"] += 1
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(
         self, inode: InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
+        self.calls["listxattr"] += 1
         return []
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        self.calls["forget"] += 1
         pass
 
 
@@ -258,12 +274,17 @@ def fast_loop(every: int = 64) -> None:
     pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
 
 
-async def _serve(max_tasks: int) -> None:
+async def _serve(ops: FloorOperations, max_tasks: int) -> None:
     async with trio.open_nursery() as nursery:
 
         async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+            with trio.open_signal_receiver(*sigs) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGUSR1:  # report and reset the request counts
+                        log.info("calls %s", json.dumps(dict(ops.calls), sort_keys=True))
+                        ops.calls.clear()
+                        continue
                     log.info("signal %d: unmounting", signum)
                     pyfuse3.terminate()
                     return
@@ -300,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_tasks = 1
         log.info("fast loop: one worker task, no parking while requests are queued")
     try:
-        trio.run(_serve, args.max_tasks)
+        trio.run(_serve, ops, args.max_tasks)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import shutil
@@ -102,9 +103,27 @@ def summarize(raw: Path, own: str, top: int = 5) -> tuple[int, list[str]]:
     return total, lines
 
 
+def request_counts(m: bench.Mount, timeout: float = 10.0) -> dict[str, int]:
+    """Ask floorfs (SIGUSR1) for its request counts since the last ask, from its log."""
+    assert m.proc is not None
+    assert m.log is not None
+    start = m.log.stat().st_size
+    m.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(m.log, "rb") as f:
+            f.seek(start)
+            for line in f.read().decode(errors="replace").splitlines():
+                if " calls {" in line:
+                    counts: dict[str, int] = json.loads(line.split(" calls ", 1)[1])
+                    return counts
+        time.sleep(0.05)
+    raise RuntimeError(f"no request counts from {m.mode}:\n{m.log_tail()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", default="noatimefs", choices=["noatimefs", "floor"])
+    p.add_argument("--mode", default="noatimefs", choices=["noatimefs", "floor", "floor-fast"])
     p.add_argument("--workloads", default="find,stat,open20k")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--small", action="store_true")
@@ -131,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listfile = bench.file_list(summary, cache / f"tree-{key}.files")
     wl = bench.Workloads(summary, args.owner, scale.opens, str(listfile))
     own = "noatimefs/" if args.mode == "noatimefs" else "floorfs.py"
+    counting = args.mode.startswith("floor")  # floorfs counts requests by type
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -164,15 +184,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stderr=subprocess.DEVNULL,
                     )
                     time.sleep(1.0)  # let py-spy attach (not a synchronisation the result needs)
+                    if counting:
+                        request_counts(m)  # reset: the forgets after drop_caches are not the run's
                     cpu0 = m.cpu()
                     o = wl.get(w)(m.root)
                     cpu = m.cpu() - cpu0
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
                     total, lines = summarize(raw, own)
+                    calls = request_counts(m) if counting else {}
+                    n = sum(calls.values())
+                    per = f", {1e6 * cpu / n:.0f} µs CPU per request" if n else ""
                     report += [
-                        f"## {w} {c}: {o.seconds:.2f}s, daemon CPU {cpu:.2f}s, {o.shown}",
+                        f"## {w} {c}: {o.seconds:.2f}s, daemon CPU {cpu:.2f}s, {o.shown}{per}",
                         "",
+                        *(
+                            [f"requests: {n} = {json.dumps(calls, sort_keys=True)}", ""]
+                            if n
+                            else []
+                        ),
                         "| handler | samples | share | top leaf functions (share of handler) |",
                         "|---|---:|---:|---|",
                         *lines,

@@ -330,7 +330,6 @@ def _fill(root: Path, tag: str) -> None:
     os.link(root / "dir" / "f0", root / "hard0-top")
 
 
-@_core_bug("read() answers EOPNOTSUPP when SOURCE is a tmpfs (RWF_NOWAIT)", OSError)
 def test_second_filesystem_inside_source_gets_its_own_inode_numbers(
     tmpfs_in_tmpfs: tuple[Path, Path],
 ) -> None:

@@ -121,7 +121,10 @@ def ensure_host_packages() -> None:
     if not missing:
         return
     log.info("installing %s", " ".join(missing))
-    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    argv = [
+        "apt-get", "install", "-y", "-q", "--no-install-recommends",
+        "-o", "DPkg::Lock::Timeout=300", *missing,
+    ]  # fmt: skip
     try:
         _run(argv)
     except GuestError:

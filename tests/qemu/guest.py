@@ -391,6 +391,28 @@ def _cached_kernels(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def _current_kernel(root: Path) -> Path:
+    """The cache directory of the kernel apt offers now, fetched if missing."""
+    package, version = kernel_package()
+    kdir = root / f"{package}_{version}"
+    if (kdir / "kernel-release").exists():
+        return kdir
+    try:
+        _fetch_kernel(kdir, package, version)
+    except GuestError:
+        # Stale package lists name a version the mirror no longer has.
+        _run(["apt-get", "update", "-q"])
+        package, version = kernel_package()
+        kdir = root / f"{package}_{version}"
+        if not (kdir / "kernel-release").exists():
+            _fetch_kernel(kdir, package, version)
+    for old in _cached_kernels(root):
+        if old != kdir:
+            log.info("removing the superseded kernel %s", old)
+            shutil.rmtree(old)
+    return kdir
+
+
 def build(*, install: bool = True) -> GuestImage:
     """Make sure a kernel and an up-to-date initramfs are cached; return them."""
     if install:
@@ -401,29 +423,13 @@ def build(*, install: bool = True) -> GuestImage:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
         try:
-            package, version = kernel_package()
-        except GuestError:
+            kdir = _current_kernel(root)
+        except GuestError as exc:
             cached = _cached_kernels(root)
             if not cached:
                 raise
-            log.warning("apt-cache failed; using the cached kernel %s", cached[0].name)
             kdir = cached[0]
-            package = kdir.name
-        else:
-            kdir = root / f"{package}_{version}"
-            if not (kdir / "kernel-release").exists():
-                try:
-                    _fetch_kernel(kdir, package, version)
-                except GuestError:
-                    # Stale package lists name a version the mirror no longer has.
-                    _run(["apt-get", "update", "-q"])
-                    package, version = kernel_package()
-                    kdir = root / f"{package}_{version}"
-                    _fetch_kernel(kdir, package, version)
-                for old in _cached_kernels(root):
-                    if old != kdir:
-                        log.info("removing the superseded kernel %s", old)
-                        shutil.rmtree(old)
+            log.warning("%s\nusing the cached kernel %s", exc, kdir.name)
         initrd = kdir / "initramfs.cpio.gz"
         stamp = kdir / "initramfs.inputs"
         inputs = _initramfs_inputs(kdir)
@@ -435,7 +441,7 @@ def build(*, install: bool = True) -> GuestImage:
             kernel=_pvh_kernel(kdir) or kdir / "vmlinuz",
             initrd=initrd,
             kernel_release=(kdir / "kernel-release").read_text().strip(),
-            package=package,
+            package=kdir.name.partition("_")[0],
         )
 
 

@@ -21,10 +21,12 @@ of the class (owner, group or other) that O falls in on the source:
    * uid: O (so O's ``O_NOATIME`` opens reach the daemon);
    * gid: the real gid (never O's group: a gid that maps into O's namespaces
      is what turns ownership into capabilities);
-   * mode: owner bits exactly ``a``; group and other bits as on the source;
-     setuid/setgid dropped; for a file O may not execute, every x bit cleared,
-     so that neither O nor O's namespace root (whose ``CAP_DAC_OVERRIDE``
-     executes anything with some x bit) can execute what O could not.
+   * mode: owner bits exactly ``a``; group and other bits as on the source,
+     but never more than the source's owner bits (the real owner now falls
+     into the group or other class, and must not gain by it); setuid/setgid
+     dropped; for a file O may not execute, every x bit cleared, so that
+     neither O nor O's namespace root (whose ``CAP_DAC_OVERRIDE`` executes
+     anything with some x bit) can execute what O could not.
 
    Whatever O's namespace root gains over such an entry is read (and search)
    access that O already had, plus write access that the read-only mount
@@ -111,7 +113,9 @@ def present(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -> tupl
         return file_uid, file_gid, mode
     if stat.S_ISLNK(mode):
         return consumer.uid, file_gid, mode
-    group_other = mode & 0o077
+    # The real owner loses its owner class: nobody may get more than it had.
+    owner_bits = (mode >> 6) & 7
+    group_other = mode & 0o077 & ((owner_bits << 3) | owner_bits)
     if stat.S_ISREG(mode) and not bits & X_OK:
         group_other &= ~0o011
     perm = (bits << 6) | group_other | (mode & stat.S_ISVTX)

@@ -10,7 +10,7 @@ import pytest
 from noatimefs import policy
 from noatimefs.policy import Consumer, Noatime
 
-O = Consumer(uid=1000, groups=frozenset({1000, 100}))
+OWNER = Consumer(uid=1000, groups=frozenset({1000, 100}))
 FILE, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 
 
@@ -41,6 +41,10 @@ FILE, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
         # O may read but not execute: no x bit is shown to anyone
         (FILE | 0o754, 0, 0, (1000, 0, FILE | 0o444)),
         (FILE | 0o714, 0, 0, (1000, 0, FILE | 0o404)),
+        # the real owner (not in the group) would fall into "other": clamp to its bits
+        (FILE | 0o004, 1001, 0, (1000, 0, FILE | 0o400)),
+        (FILE | 0o044, 1001, 0, (1000, 0, FILE | 0o400)),
+        (DIR | 0o155, 1001, 0, (1000, 0, DIR | 0o511)),
         # setuid/setgid dropped, sticky kept
         (FILE | 0o4755, 0, 0, (1000, 0, FILE | 0o555)),
         (DIR | 0o1777, 0, 0, (1000, 0, DIR | 0o1777)),
@@ -51,7 +55,7 @@ FILE, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
     ],
 )
 def test_present(mode: int, uid: int, gid: int, expected: tuple[int, int, int]) -> None:
-    assert policy.present(mode, uid, gid, O) == expected
+    assert policy.present(mode, uid, gid, OWNER) == expected
 
 
 MODES = [0o400, 0o440, 0o404, 0o600, 0o640, 0o604, 0o644, 0o700, 0o750, 0o705, 0o711, 0o111, 0]
@@ -65,23 +69,25 @@ USERS = [
 
 @pytest.mark.parametrize("fmt", [FILE, DIR])
 @pytest.mark.parametrize("perm", MODES)
-@pytest.mark.parametrize(("owner", "group"), [(0, 0), (1001, 1001), (1001, 100), (1000, 1000)])
+@pytest.mark.parametrize(
+    ("owner", "group"), [(0, 0), (1001, 1001), (1001, 100), (1000, 1000), (2000, 0), (2000, 100)]
+)
 def test_presented_never_grants_more(fmt: int, perm: int, owner: int, group: int) -> None:
     """For every caller, the presented bits give at most the source's; O gets exactly its own."""
     mode = fmt | perm
-    p_uid, p_gid, p_mode = policy.present(mode, owner, group, O)
+    p_uid, p_gid, p_mode = policy.present(mode, owner, group, OWNER)
     for user in USERS:
         real = policy.class_bits(mode, owner, group, user.uid, user.groups)
         shown = policy.class_bits(p_mode, p_uid, p_gid, user.uid, user.groups)
         assert shown & ~real == 0, (oct(mode), owner, group, user)
-        if user.uid == O.uid:
+        if user.uid == OWNER.uid:
             expected = real
-            if fmt == FILE and p_uid == O.uid and not real & policy.X_OK:
+            if fmt == FILE and p_uid == OWNER.uid and not real & policy.X_OK:
                 expected &= ~policy.X_OK
             assert shown == expected
     # Fact 8: presented as O's only where O may already use it.
-    if p_uid == O.uid and p_uid != owner:
-        assert policy.usable(mode, policy.class_bits(mode, owner, group, O.uid, O.groups))
+    if p_uid == OWNER.uid and p_uid != owner:
+        assert policy.usable(mode, policy.class_bits(mode, owner, group, OWNER.uid, OWNER.groups))
         assert p_gid == group
 
 

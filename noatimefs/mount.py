@@ -65,6 +65,9 @@ def fuse_options(config: Config) -> set[str]:
 
 async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(*_SIGNALS) as signals:
+        # Blocked since before the mount (run()): one that came meanwhile is
+        # pending and arrives now, handled like any other.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         task_status.started()
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
@@ -104,6 +107,9 @@ def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
 def run(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount, serve, unmount; the exit status of the daemon."""
     source = Source(config.source)
+    # A signal between the mount and trio's handlers would otherwise kill the
+    # daemon with the mount left dead: hold them until _stop_on_signal.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         ops = NoatimeFS(source, config.consumer, timeout=config.timeout)
         with _captured_stderr() as libfuse_said:
@@ -151,4 +157,5 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
         )
         return Exit.OK
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         source.close()

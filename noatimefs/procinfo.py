@@ -46,6 +46,32 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+_tgids: dict[int, int] = {}
+
+
+def process_of(tid: int) -> int:
+    """The process (thread group) id of thread *tid*; FUSE names callers by thread.
+
+    *tid* itself when it cannot be read (the thread is gone).
+    """
+    cached = _tgids.get(tid)
+    if cached is not None:
+        return cached
+    tgid = tid
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    tgid = int(line.split()[1])
+                    break
+    except (OSError, ValueError, IndexError):
+        return tid
+    if len(_tgids) >= _CACHE_MAX:
+        _tgids.clear()
+    _tgids[tid] = tgid
+    return tgid
+
+
 def groups(pid: int) -> frozenset[int]:
     """The supplementary groups of *pid*, empty when it cannot be read."""
     try:

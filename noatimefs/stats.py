@@ -25,13 +25,18 @@ class Stats:
     dropped_by_process: Counter[str] = field(default_factory=Counter)
     _logged: set[int] = field(default_factory=set)
 
-    def kept(self, pid: int) -> None:
+    def kept(self, tid: int) -> None:
         self.noatime_kept += 1
-        self.kept_by_process[procinfo.name(pid)] += 1
+        self.kept_by_process[procinfo.name(procinfo.process_of(tid))] += 1
 
-    def dropped(self, pid: int, uid: int, path: bytes, file_uid: int) -> None:
-        """Count a dropped ``O_NOATIME``; log it once per caller process."""
+    def dropped(self, tid: int, uid: int, path: bytes, file_uid: int) -> None:
+        """Count a dropped ``O_NOATIME``; log it once per caller process.
+
+        FUSE names the calling *thread*; QEMU opens from a pool of worker
+        threads, so the count and the log are keyed by the thread's process.
+        """
         self.noatime_dropped += 1
+        pid = procinfo.process_of(tid)
         self.dropped_by_process[procinfo.name(pid)] += 1
         if pid in self._logged:
             return

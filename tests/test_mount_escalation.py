@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,3 +205,46 @@ emit({"read": errno_of(read_file, DATA + "/f/root/m0404"),
 """
     r = util.run_as(*util.NOBODY, code, str(table.mount.path))
     assert r == {"read": 0, "list": 0}
+
+
+_ACCESS = """
+out = {}
+for rel in DATA["rels"]:
+    p = DATA["src"] + "/" + rel
+    out[rel] = [os.access(p, os.R_OK), os.access(p, os.W_OK), os.access(p, os.X_OK)]
+emit(out)
+"""
+
+
+def test_presentation_rule_on_the_table(table: Table) -> None:
+    """Presented as 65534's exactly when 65534 can use it; owner bits = its access; real gid.
+
+    An entry 65534 can use (read a file; read and search a directory) is shown
+    with uid 65534, the real gid, and owner bits equal to 65534's access on
+    SOURCE; anything else with its real uid, gid and mode.
+    """
+    rels = table.files + table.dirs
+    access = util.run_as(*util.NOBODY, _ACCESS, {"src": str(table.src), "rels": rels})
+    wrong = []
+    for rel in rels:
+        s, m = os.lstat(table.src / rel), os.lstat(table.mount.path / rel)
+        r, w, x = access[rel]
+        usable = r and (x or rel in table.files)
+        got = (m.st_uid, m.st_gid, oct(m.st_mode))
+        if usable:
+            bits = (4 if r else 0) | (2 if w else 0) | (1 if x else 0)
+            ok = (
+                m.st_uid == util.NOBODY[0]
+                and m.st_gid == s.st_gid
+                and (m.st_mode >> 6) & 7 == bits
+                and stat.S_IFMT(m.st_mode) == stat.S_IFMT(s.st_mode)
+            )
+            want = f"uid 65534, gid {s.st_gid}, owner bits {bits:o}"
+        else:
+            ok = (m.st_uid, m.st_gid, m.st_mode) == (s.st_uid, s.st_gid, s.st_mode)
+            want = f"as on SOURCE: {(s.st_uid, s.st_gid, oct(s.st_mode))}"
+        if not ok:
+            wrong.append(f"{rel}: got {got}, want {want}")
+        if (m.st_size, m.st_nlink, m.st_mtime_ns) != (s.st_size, s.st_nlink, s.st_mtime_ns):
+            wrong.append(f"{rel}: size/nlink/mtime differ")
+    assert not wrong, "\n".join(wrong)

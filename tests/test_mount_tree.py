@@ -66,6 +66,17 @@ def test_inode_numbers_are_distinct_and_stable(store_mount: util.Mount) -> None:
     assert not shared, shared
 
 
+def test_inode_numbers_survive_a_remount(store: Path, store_mount: util.Mount) -> None:
+    """A second daemon on the same SOURCE shows the same inode numbers (9p qids stay valid)."""
+    rels = ["data", "data/a.txt", "data/hard.txt", "links/rel", "bin/true", "many/f12345"]
+    rels += [str(p.relative_to(store)) for p in sorted((store / "nix").iterdir())[:5]]
+    first = {rel: os.lstat(store_mount.path / rel).st_ino for rel in rels}
+    with util.mounted(store, owner=util.NOBODY[0], allow_other=True) as again:
+        second = {rel: os.lstat(again.path / rel).st_ino for rel in rels}
+    assert first == second
+    assert len(set(first.values())) == len(rels) - 1  # a.txt and hard.txt are one inode
+
+
 def test_big_directory_lists_each_entry_once_with_d_ino_equal_st_ino(
     store: Path, store_mount: util.Mount
 ) -> None:

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -123,6 +124,8 @@ class WalkResult:
     #: drop_caches by other processes during the walks: they make the kernel forget
     #: (and the table shrink) mid-walk, so "after find" then undercounts the entries.
     foreign_drops: int = 0
+    #: The largest table seen during the first walk (sampled), and RSS then.
+    peak: dict[str, int] | None = None
 
     @property
     def bytes_per_inode(self) -> float:
@@ -147,6 +150,7 @@ class WalkResult:
             f"walked {self.entries_seen:,} entries in {self.walk_seconds:.1f} s; "
             f"table settled {self.forget_seconds:.1f} s after drop_caches\n"
             + row("after mount", self.start)
+            + row("largest during find", self.peak)
             + row("after find", self.walked)
             + row("after drop_caches 2", self.forgotten)
             + row("after a second find", self.rewalked)
@@ -173,6 +177,31 @@ def find_count(mnt: str | os.PathLike[str]) -> tuple[int, float]:
     return lines, seconds
 
 
+class PeakSampler:
+    """Samples the daemon's status every *interval* s in a thread; keeps the largest table."""
+
+    def __init__(self, status: Status, interval: float = 0.5) -> None:
+        self.status = status
+        self.interval = interval
+        self.peak = {"inodes": 0, "rss": 0, "fds": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            s = snapshot(self.status)
+            if s["inodes"] > self.peak["inodes"]:
+                self.peak = s
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def walk_and_forget(
     mnt: str | os.PathLike[str], status: Status | None = None, rewalk: bool = True
 ) -> WalkResult:
@@ -182,8 +211,10 @@ def walk_and_forget(
     wait_for_forgets(status, floor=1)
     start = snapshot(status)
     drops0 = vmstat_drops()
-    entries, walk_seconds = find_count(mnt)
+    with PeakSampler(status) as sampler:
+        entries, walk_seconds = find_count(mnt)
     walked = snapshot(status)
+    walked_peak = sampler.peak if sampler.peak["inodes"] > walked["inodes"] else walked
     foreign = vmstat_drops() - drops0
     drop_caches(2)
     forget_seconds = wait_for_forgets(status, floor=start["inodes"])
@@ -197,7 +228,15 @@ def walk_and_forget(
         drop_caches(2)
         wait_for_forgets(status, floor=start["inodes"])
     return WalkResult(
-        entries, walk_seconds, forget_seconds, start, walked, forgotten, rewalked, foreign
+        entries,
+        walk_seconds,
+        forget_seconds,
+        start,
+        walked,
+        forgotten,
+        rewalked,
+        foreign,
+        walked_peak,
     )
 
 

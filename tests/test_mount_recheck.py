@@ -1,0 +1,75 @@
+"""The daemon re-checks real access on open/opendir: stale kernel caches grant nothing.
+
+The kernel caches presented attributes (``--timeout``, 300 s by default, below
+the top level) and decides permissions from them with ``default_permissions``.
+When SOURCE's mode changes while cached, the kernel still lets an open through;
+the daemon must then refuse what SOURCE now refuses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import util
+
+pytestmark = pytest.mark.mount
+
+_PROBE = """
+m = DATA + "/sub"
+emit({
+    "stat": errno_of(os.stat, m + "/f"),
+    "read": errno_of(read_file, m + "/f"),
+    "list": errno_of(list_dir, m + "/d"),
+})
+"""
+
+
+USERNS = pytest.mark.parametrize("userns", [None, "user"], ids=["owner", "owner-userns-root"])
+
+
+def chmod_while_cached(base: Path, userns: util.Userns) -> tuple[dict[str, int], dict[str, int]]:
+    """65534's outcomes on SOURCE and through the mount after SOURCE took its access away."""
+    src = base / "src"
+    sub = src / "sub"  # below the top level, which the daemon watches with inotify
+    sub.mkdir(parents=True)
+    (sub / "f").write_bytes(b"was readable\n")
+    (sub / "f").chmod(0o444)
+    (sub / "d").mkdir()
+    (sub / "d" / "entry").write_bytes(b"")
+    with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
+        before = util.run_as(*util.NOBODY, _PROBE, str(m.path), userns=userns)
+        assert before == {"stat": 0, "read": 0, "list": 0}
+        # Now 65534 may use neither; the kernel still holds the old attributes.
+        (sub / "f").chmod(0o400)
+        (sub / "d").chmod(0o700)
+        on_source = util.run_as(*util.NOBODY, _PROBE, str(src), userns=userns)
+        after = util.run_as(*util.NOBODY, _PROBE, str(m.path), userns=userns)
+        # The premise: the kernel still shows the old presentation, so it let the
+        # opens through and it was the daemon that refused them.
+        cached = os.stat(m.path / "sub" / "f")
+        assert (cached.st_uid, cached.st_mode & 0o777) == (util.NOBODY[0], 0o444), oct(
+            cached.st_mode
+        )
+    assert on_source["read"] == on_source["list"] == errno.EACCES
+    return on_source, after
+
+
+@USERNS
+def test_open_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
+    _, after = chmod_while_cached(world_tmp, userns)
+    assert after["read"] == errno.EACCES, after
+
+
+@USERNS
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: opendir re-checks access against the dir cache's remembered stat, so a "
+    "listing cached before a chmod stays readable for --timeout; "
+    "patch: /tmp/team/patches/tests-opendir-fresh-recheck.diff",
+)
+def test_opendir_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
+    _, after = chmod_while_cached(world_tmp, userns)
+    assert after["list"] == errno.EACCES, after

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ emit({
     "stat": errno_of(os.stat, m + "/f"),
     "read": errno_of(read_file, m + "/f"),
     "list": errno_of(list_dir, m + "/d"),
+    "exec": errno_of(run_file, m + "/x"),
 })
 """
 
@@ -39,12 +41,15 @@ def chmod_while_cached(base: Path, userns: util.Userns) -> tuple[dict[str, int],
     (sub / "f").chmod(0o444)
     (sub / "d").mkdir()
     (sub / "d" / "entry").write_bytes(b"")
+    shutil.copyfile("/usr/bin/true", sub / "x")
+    (sub / "x").chmod(0o755)
     with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
         before = util.run_as(*util.NOBODY, _PROBE, str(m.path), userns=userns)
-        assert before == {"stat": 0, "read": 0, "list": 0}
-        # Now 65534 may use neither; the kernel still holds the old attributes.
+        assert before == {"stat": 0, "read": 0, "list": 0, "exec": 0}
+        # Now 65534 may use none; the kernel still holds the old attributes.
         (sub / "f").chmod(0o400)
         (sub / "d").chmod(0o700)
+        (sub / "x").chmod(0o744)
         on_source = util.run_as(*util.NOBODY, _PROBE, str(src), userns=userns)
         after = util.run_as(*util.NOBODY, _PROBE, str(m.path), userns=userns)
         # The premise: the kernel still shows the old presentation, so it let the
@@ -53,7 +58,7 @@ def chmod_while_cached(base: Path, userns: util.Userns) -> tuple[dict[str, int],
         assert (cached.st_uid, cached.st_mode & 0o777) == (util.NOBODY[0], 0o444), oct(
             cached.st_mode
         )
-    assert on_source["read"] == on_source["list"] == errno.EACCES
+    assert on_source["read"] == on_source["list"] == on_source["exec"] == errno.EACCES
     return on_source, after
 
 
@@ -61,6 +66,12 @@ def chmod_while_cached(base: Path, userns: util.Userns) -> tuple[dict[str, int],
 def test_open_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
     _, after = chmod_while_cached(world_tmp, userns)
     assert after["read"] == errno.EACCES, after
+
+
+@USERNS
+def test_exec_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
+    _, after = chmod_while_cached(world_tmp, userns)
+    assert after["exec"] == errno.EACCES, after
 
 
 @USERNS

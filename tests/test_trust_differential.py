@@ -403,11 +403,6 @@ OWNER_EXCLUDED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: an entry whose mode excludes its owner (0004, 0005 dir) shown as O's "
-    "hands its real owner the group/other bits; patch: /tmp/team/patches/trust-owner-excluded.diff",
-)
 def test_owner_excluded_modes_give_their_owner_nothing_more(rig: Rig) -> None:
     """1000 owns f-0 (0004) and d-1 (0005): on SOURCE it may neither read f-0 nor search d-1,
     so it must not read f-0's xattrs or d-1/below-2 through the mount either."""

@@ -84,3 +84,26 @@ def test_exec_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> No
 def test_opendir_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
     _, after = chmod_while_cached(world_tmp, userns)
     assert after["list"] == errno.EACCES, after
+
+
+_ENTRY_PROBE = 'emit(errno_of(read_file, DATA + "/sub/d/entry"))'
+
+
+@USERNS
+@pytest.mark.xfail(
+    strict=True,
+    reason="core gap: open re-checks the file's own mode only, not search permission on "
+    "its directories, so a directory made private on SOURCE after its entries were looked up "
+    "leaves them readable through the mount for --timeout",
+)
+def test_open_rechecks_search_permission_of_the_path(world_tmp: Path, userns: util.Userns) -> None:
+    src = world_tmp / "src"
+    d = src / "sub" / "d"
+    d.mkdir(parents=True)
+    (d / "entry").write_bytes(b"entry\n")
+    with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
+        assert util.run_as(*util.NOBODY, _ENTRY_PROBE, str(m.path), userns=userns) == 0
+        d.chmod(0o700)  # 65534 may no longer reach d/entry on SOURCE
+        assert util.run_as(*util.NOBODY, _ENTRY_PROBE, str(src), userns=userns) == errno.EACCES
+        got = util.run_as(*util.NOBODY, _ENTRY_PROBE, str(m.path), userns=userns)
+    assert got == errno.EACCES

@@ -79,7 +79,7 @@ def test_exec_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> No
     strict=True,
     reason="core bug: opendir re-checks access against the dir cache's remembered stat, so a "
     "listing cached before a chmod stays readable for --timeout; "
-    "patch: /tmp/team/patches/tests-opendir-fresh-recheck.diff",
+    "patch: /tmp/team/patches/tests-recheck-fresh-and-path-search.diff",
 )
 def test_opendir_rechecks_source_access(world_tmp: Path, userns: util.Userns) -> None:
     _, after = chmod_while_cached(world_tmp, userns)
@@ -94,7 +94,8 @@ _ENTRY_PROBE = 'emit(errno_of(read_file, DATA + "/sub/d/entry"))'
     strict=True,
     reason="core gap: open re-checks the file's own mode only, not search permission on "
     "its directories, so a directory made private on SOURCE after its entries were looked up "
-    "leaves them readable through the mount for --timeout",
+    "leaves them readable through the mount for --timeout; "
+    "patch: /tmp/team/patches/tests-recheck-fresh-and-path-search.diff",
 )
 def test_open_rechecks_search_permission_of_the_path(world_tmp: Path, userns: util.Userns) -> None:
     src = world_tmp / "src"

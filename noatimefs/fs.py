@@ -175,6 +175,14 @@ class NoatimeFS(pyfuse3.Operations):
             raise _stale()
         return fd, st
 
+    def _fstat_open(self, node: Node) -> os.stat_result | None:
+        """``fstat`` of a file handle open on *node*; None when none is."""
+        if node.opens:
+            for fd, open_node in self.files.items():
+                if open_node is node:
+                    return os.fstat(fd)
+        return None
+
     def _may(self, required: int, st: os.stat_result, ctx: pyfuse3.RequestContext) -> bool:
         """Re-check the caller's real access to the source entry (policy docstring)."""
         groups = frozenset((ctx.gid,))
@@ -201,14 +209,22 @@ class NoatimeFS(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        with _errors():
-            if node is self.inodes.root:
-                st = os.stat(self.source.root_fd)
-            else:
-                assert node.parent is not None
-                st = self._lstat_child(node.parent, node.name)
-        if (st.st_dev, st.st_ino) != node.key:
-            raise _stale()
+        try:
+            with _errors():
+                if node is self.inodes.root:
+                    st = os.stat(self.source.root_fd)
+                else:
+                    assert node.parent is not None
+                    st = self._lstat_child(node.parent, node.name)
+            if (st.st_dev, st.st_ino) != node.key:
+                raise _stale()
+        except pyfuse3.FUSEError:
+            # Deleted or replaced in SOURCE but still open through the mount: answer
+            # for the file the caller holds (the kernel asks before reading it).
+            held = self._fstat_open(node)
+            if held is None:
+                raise
+            return self._entry(node, held)
         if self.inodes.refresh(node, st):
             raise _stale()  # maybe a new file under a recycled number: look it up afresh
         return self._entry(node, st)
@@ -247,6 +263,13 @@ class NoatimeFS(pyfuse3.Operations):
         node = self._node(inode)
         with _errors():
             fd, st = self._open_node(node, os.O_RDONLY)
+        if node.opens == 0 and self.inodes.refresh(node, st):
+            # The number now belongs to another file (ext4 hands freed inode
+            # numbers out again at once), so the kernel's inode and page cache
+            # are the old file's. ESTALE makes the kernel look the name up again
+            # (LOOKUP_REVAL) and retire its inode on the bumped generation.
+            os.close(fd)
+            raise _stale()
         try:
             decision = policy.decide_open(flags, ctx.uid, st.st_uid, self.daemon_uid)
             if not self._may(decision.required, st, ctx):
@@ -304,9 +327,17 @@ class NoatimeFS(pyfuse3.Operations):
         node = self._node(inode)
         listing = None
         if node is not self.inodes.root:
-            listing = self.dir_cache.get(node.key, node.ctime_ns)
+            # A fresh stat of the directory: the access re-check below and the
+            # cached listing's validity then use SOURCE's mode and ctime of now.
+            with _errors():
+                fd = self._open_dir(node)
+                try:
+                    fresh = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            listing = self.dir_cache.get(node.key, fresh.st_ctime_ns)
         if listing is not None:
-            dir_st, entries = listing.dir_st, listing.entries
+            dir_st, entries = fresh, listing.entries
         else:
             with _errors():
                 fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
@@ -384,6 +415,10 @@ class NoatimeFS(pyfuse3.Operations):
                 names = os.listxattr(proc_path(fd))
             finally:
                 os.close(fd)
+        if ctx.uid != 0:
+            # SOURCE's filesystem lists trusted.* names only to CAP_SYS_ADMIN; the kernel does
+            # not filter what a FUSE daemon (running as root) lists, so filter them here.
+            names = [n for n in names if not n.startswith("trusted.")]
         return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in names]
 
     # -- the daemon's state ----------------------------------------------
@@ -428,13 +463,20 @@ class NoatimeFS(pyfuse3.Operations):
         )
 
     def status(self) -> dict[str, object]:
-        proc = psutil.Process()
+        # psutil reads /proc, which needs a descriptor: with the daemon's descriptors all in
+        # use (callers can hold as many files open as it may open), report None, never raise.
+        try:
+            proc = psutil.Process()
+            rss: int | None = proc.memory_info().rss
+            fds: int | None = proc.num_fds()
+        except (psutil.Error, OSError):
+            rss = fds = None
         return {
             "pid": os.getpid(),
             "source": self.source.path,
             "owner": self.consumer.uid,
-            "rss": proc.memory_info().rss,
-            "fds": proc.num_fds(),
+            "rss": rss,
+            "fds": fds,
             "inodes": len(self.inodes),
             "handles": len(self.files) + len(self.dirs),
             **self.stats.as_dict(),

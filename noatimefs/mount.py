@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -104,8 +105,25 @@ def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
             os.close(saved)
 
 
+def _raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one.
+
+    Every file a caller holds open through the mount holds a descriptor here,
+    and systemd's default soft limit (1024) is one user's reach.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+            return
+        log.debug("open-files limit raised from %d to %d", soft, hard)
+
+
 def run(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount, serve, unmount; the exit status of the daemon."""
+    _raise_nofile_limit()
     source = Source(config.source)
     # A signal between the mount and trio's handlers would otherwise kill the
     # daemon with the mount left dead: hold them until _stop_on_signal.

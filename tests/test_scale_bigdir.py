@@ -10,9 +10,12 @@ names of 7 to 206 bytes, so readdir buffers fill at every possible offset).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,23 +41,39 @@ json.dump(out, sys.stdout)
 Listing = list[tuple[str, str]]
 
 
-def _list_in_parallel(path: Path, copies: int = 2) -> tuple[list[Listing], float]:
+def _list_in_parallel(
+    path: Path, copies: int = 2, probe: Path | None = None
+) -> tuple[list[Listing], float, list[float]]:
+    """List *path* in *copies* processes at once; with *probe*, ``statvfs`` it meanwhile.
+
+    ``statvfs`` is never cached by the kernel, so each one is a request the daemon
+    answers while it is busy listing: the third return value is their latencies.
+    """
     t0 = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [util.SYSTEM_PYTHON, "-c", LISTER, os.fspath(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(copies)
-    ]
-    listings = []
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err
-        listings.append([(name, kind) for name, kind in json.loads(out)])
-    return listings, time.monotonic() - t0
+    with contextlib.ExitStack() as stack:
+        # Output to files, not pipes: a lister blocked on a full pipe would never exit.
+        outs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(copies)]
+        procs = [
+            subprocess.Popen(
+                [util.SYSTEM_PYTHON, "-c", LISTER, os.fspath(path)],
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for out in outs
+        ]
+        lat = []
+        while probe is not None and any(p.poll() is None for p in procs):
+            t = time.perf_counter()
+            os.statvfs(probe)
+            lat.append(time.perf_counter() - t)
+        listings = []
+        for p, out in zip(procs, outs, strict=True):
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err
+            out.seek(0)
+            listings.append([(name, kind) for name, kind in json.load(out)])
+    return listings, time.monotonic() - t0, lat
 
 
 def _check(listings: list[Listing], expected: dict[str, str]) -> None:
@@ -73,7 +92,7 @@ def test_many_lists_completely_twice_in_parallel(
     store: Path, store_mount: util.Mount, record_property: Callable[[str, object], None]
 ) -> None:
     expected = {f"f{i:05d}": "f" for i in range(conftest.MANY)}
-    listings, seconds = _list_in_parallel(store_mount.path / "many")
+    listings, seconds, _ = _list_in_parallel(store_mount.path / "many")
     _check(listings, expected)
     record_property("list_many_seconds", round(seconds, 2))
 
@@ -103,8 +122,8 @@ def test_200k_entries_list_completely_twice_in_parallel(
             os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
             expected[name] = "f"
     with util.mounted(src) as m:
-        first, seconds_first = _list_in_parallel(m.path / "big")
-        again, seconds_again = _list_in_parallel(m.path / "big")
+        first, seconds_first, lat = _list_in_parallel(m.path / "big", probe=m.path)
+        again, seconds_again, _ = _list_in_parallel(m.path / "big")
         status = m.status()
         assert m.proc.poll() is None
     _check(first, expected)
@@ -113,6 +132,11 @@ def test_200k_entries_list_completely_twice_in_parallel(
         "entries": BIG,
         "two_parallel_listings_s": round(seconds_first, 2),
         "again_s": round(seconds_again, 2),
+        "statvfs_during_first": {
+            "count": len(lat),
+            "median_ms": round(statistics.median(lat) * 1000, 3) if lat else None,
+            "max_ms": round(max(lat) * 1000, 3) if lat else None,
+        },
         "daemon_inodes": status["inodes"],
         "daemon_rss_mib": status["rss"] >> 20,
     }

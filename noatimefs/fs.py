@@ -262,7 +262,9 @@ class NoatimeFS(pyfuse3.Operations):
             raise _erofs()
         node = self._node(inode)
         with _errors():
-            fd, st = self._open_node(node, os.O_RDONLY)
+            # O_NONBLOCK: should SOURCE have put a FIFO where the file was, the open must not
+            # wait for a writer (the whole daemon would wait); the identity check refuses it.
+            fd, st = self._open_node(node, os.O_RDONLY | os.O_NONBLOCK)
         if node.opens == 0 and self.inodes.refresh(node, st):
             # The number now belongs to another file (ext4 hands freed inode
             # numbers out again at once), so the kernel's inode and page cache
@@ -274,12 +276,14 @@ class NoatimeFS(pyfuse3.Operations):
             decision = policy.decide_open(flags, ctx.uid, st.st_uid, self.daemon_uid)
             if not self._may(decision.required, st, ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
+            status_flags = os.O_RDONLY  # O_NONBLOCK off again
             if decision.noatime is policy.Noatime.KEPT:
-                with _errors():
-                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+                status_flags |= os.O_NOATIME
                 self.stats.kept(ctx.pid)
             elif decision.noatime is policy.Noatime.DROPPED:
                 self.stats.dropped(ctx.pid, ctx.uid, node.path(), st.st_uid)
+            with _errors():
+                fcntl.fcntl(fd, fcntl.F_SETFL, status_flags)
         except BaseException:
             os.close(fd)
             raise

@@ -13,10 +13,14 @@ xattr (``user.noatimefs.status`` on the mount root: ``inodes``, ``rss``,
 4. after a second walk (RSS should reuse the memory freed in 3, not grow);
 5. descriptors around ``--cycles`` open/close cycles of small files.
 
-Bytes per remembered inode = RSS growth over the walk / inodes added. RSS
-often does not fall back after the forget (CPython keeps its freed small-object
-arenas); the table size and the second walk are what show the memory is
-bounded. Run as root (it mounts and drops caches)::
+Bytes per remembered inode = RSS growth / inodes added, taken at the largest
+table sampled during the first walk (another process's drop_caches can empty
+the table mid-walk; such drops are counted and reported). The growth includes
+the daemon's directory-listing cache (bounded by its entry count), so
+``--table`` also measures a bare in-process InodeTable. RSS often does not fall
+back after the forget (CPython keeps its freed small-object arenas, and the
+listing cache lives for --timeout); the table size and the second walk are
+what show the memory is bounded. Run as root (it mounts and drops caches)::
 
     .venv/bin/python bench/scale.py --entries 1000000 [--json out.json]
 
@@ -129,8 +133,10 @@ class WalkResult:
 
     @property
     def bytes_per_inode(self) -> float:
-        added = self.walked["inodes"] - self.start["inodes"]
-        return (self.walked["rss"] - self.start["rss"]) / max(1, added)
+        """RSS growth per inode added, at the largest table seen during the first walk."""
+        top = self.peak if self.peak is not None else self.walked
+        added = top["inodes"] - self.start["inodes"]
+        return (top["rss"] - self.start["rss"]) / max(1, added)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -154,7 +160,8 @@ class WalkResult:
             + row("after find", self.walked)
             + row("after drop_caches 2", self.forgotten)
             + row("after a second find", self.rewalked)
-            + f"  RSS per remembered inode: {self.bytes_per_inode:.0f} bytes\n"
+            + f"  RSS growth per remembered inode: {self.bytes_per_inode:.0f} bytes "
+            "(at the largest table; includes the daemon's directory-listing cache)\n"
             + (
                 f"  WARNING: {self.foreign_drops} drop_caches by other processes during the "
                 "walks (the kernel forgot entries mid-walk)\n"

@@ -430,11 +430,6 @@ emit({label: sorted(os.listxattr(root + "/tx")) for label, root in DATA.items()}
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: listxattr shows trusted.* names to unprivileged callers (SOURCE hides "
-    "them); patch: /tmp/team/patches/trust-trusted-xattr-names.diff",
-)
 def test_xattr_names_of_all_namespaces_listed_as_on_source(rig: Rig) -> None:
     """Not only user.*: listxattr through the mount lists what SOURCE lists to the caller."""
     roots = {"src": str(rig.src), "mnt": str(rig.mount.path)}

@@ -581,12 +581,6 @@ def _try(fn: Callable[[], object]) -> str:
     return "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: with its descriptors exhausted by a caller holding files open, the daemon "
-    "crashes answering the status xattr (psutil reads /proc); patch: "
-    "/tmp/team/patches/trust-emfile.diff",
-)
 def test_descriptors_exhausted_by_a_caller(store: Store, world_tmp: Path) -> None:
     """An unprivileged caller holds more files open than the daemon may: others get an error
     (EMFILE), never a crash, and all is well once the files are closed."""

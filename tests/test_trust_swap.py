@@ -26,10 +26,14 @@ daemon).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import json
 import os
+import stat
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -332,3 +336,55 @@ def test_swap_helpers_are_sane(tmp_path: Path) -> None:
     exchange(tmp_path / "d", tmp_path / "l")
     assert (tmp_path / "d").is_symlink()
     assert (tmp_path / "l").is_dir()
+
+
+def _daemon_waits_on_a_fifo(pid: int) -> bool:
+    """Whether a thread of *pid* sleeps in a FIFO open, waiting for a writer."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            if f.read() == "wait_for_partner":
+                return True
+    return False
+
+
+def test_file_swapped_for_a_fifo_does_not_wedge_the_daemon(world_tmp: Path) -> None:
+    src = world_tmp / "src"
+    src.mkdir(mode=0o755)
+    (src / "p").write_bytes(b"a file, for now\n")
+    (src / "other").write_bytes(b"still served\n")
+    with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
+        assert (m.path / "p").read_bytes() == b"a file, for now\n"  # the kernel caches p
+        os.mkfifo(src / "p.new")
+        os.rename(src / "p.new", src / "p")
+        with ThreadPoolExecutor(1) as pool:
+            # O_NONBLOCK: once the kernel sees the FIFO, opening it must not wait either
+            opened = pool.submit(_open_nonblocking, m.path / "p")
+            wedged = False
+            end = time.monotonic() + 60
+            while not opened.done() and time.monotonic() < end:
+                if _daemon_waits_on_a_fifo(m.pid):
+                    wedged = True
+                    # let the daemon go: a writer (that will not write) completes its open
+                    fd = os.open(src / "p", os.O_WRONLY | os.O_NONBLOCK)
+                    os.close(fd)
+                    break
+                time.sleep(0.01)  # polling the daemon's and the caller's state, with a deadline
+            result = opened.result(timeout=60)
+        assert not wedged, "the daemon waited in a FIFO open: every caller waited with it"
+        # the kernel looked the name up again and opened the FIFO itself, or an error
+        assert result in ("fifo", errno.ESTALE, errno.ENOENT, errno.EIO), result
+        assert (m.path / "other").read_bytes() == b"still served\n"
+
+
+def _open_nonblocking(path: Path) -> str | int:
+    """ "fifo" if *path* opens as a FIFO, the bytes it reads if it opens as a file, or the errno."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return e.errno or -1
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return "fifo"
+        return repr(os.read(fd, 100))
+    finally:
+        os.close(fd)

@@ -388,3 +388,36 @@ def _open_nonblocking(path: Path) -> str | int:
         return repr(os.read(fd, 100))
     finally:
         os.close(fd)
+
+
+def test_recycled_inode_numbers_never_serve_old_bytes(world_tmp: Path) -> None:
+    """A store path collected and another written: ext4 hands the freed inode number to the new
+    file at once, while the kernel may still hold the old inode and its page cache under that
+    number. Reading the new file through the mount must give the new bytes, every time."""
+    src = world_tmp / "src"
+    src.mkdir(mode=0o755)
+    recycled = wrong = tries = 0
+    with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
+        while recycled < 20 and tries < 3000:
+            tries += 1
+            old, new = (b"old %06d\n" % tries) * 100, (b"new %06d\n" % tries) * 100
+            (src / f"a{tries}").write_bytes(old)
+            assert (m.path / f"a{tries}").read_bytes() == old  # in the kernel's page cache now
+            ino = os.stat(src / f"a{tries}").st_ino
+            os.unlink(src / f"a{tries}")
+            (src / f"b{tries}").write_bytes(new)  # same size, often the same inode number
+            recycled += os.stat(src / f"b{tries}").st_ino == ino
+            wrong += (m.path / f"b{tries}").read_bytes() != new
+            os.unlink(src / f"b{tries}")
+        _figures_row({"test": "recycled inode numbers", "tries": tries, "recycled": recycled})
+        assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
+    assert wrong == 0, f"{wrong} of {tries} new files read with other bytes ({recycled} recycled)"
+    if recycled == 0:
+        pytest.skip("this filesystem never reused an inode number: nothing was tested")
+
+
+def _figures_row(row: dict[str, Any]) -> None:
+    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -66,6 +66,10 @@ from noatimefs.watch import (
 
 log = logging.getLogger(__name__)
 
+#: A read that must wait for the disk is done in the request loop itself when
+#: at most this many bytes remain in the file, and in a worker thread otherwise.
+INLINE_READ = 64 * 1024
+
 #: The virtual, read-only xattr on the mount root that reports the daemon's state.
 STATUS_XATTR = b"user.noatimefs.status"
 
@@ -113,6 +117,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
         self.inodes = InodeTable(os.stat(source.root_fd))
         self.files: dict[int, Node] = {}  # fh (the backing fd) -> node
+        self.sizes: dict[int, int] = {}  # fh -> the file's size when it was opened
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
@@ -290,6 +295,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.stats.opens += 1
         node.opens += 1
         self.files[fd] = node
+        self.sizes[fd] = st.st_size
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -308,7 +314,12 @@ class NoatimeFS(pyfuse3.Operations):
                         break
                     done += n
             except BlockingIOError:
-                done += await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
+                if self.sizes.get(fh, size) - off - done <= INLINE_READ:
+                    # A small rest (a store is mostly small files) costs less
+                    # read here than the round trip to a worker thread would.
+                    done += os.preadv(fh, [view[done:]], off + done)
+                else:
+                    done += await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
             except OSError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
                     raise
@@ -318,6 +329,7 @@ class NoatimeFS(pyfuse3.Operations):
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         node = self.files.pop(fh, None)
+        self.sizes.pop(fh, None)
         if node is not None:
             node.opens -= 1
         with _errors():

@@ -227,8 +227,16 @@ while time.monotonic() < end:
                     count("lstats verified")
             else:
                 try:
-                    v = os.getxattr("/proc/self/fd/%d/%s" % (dirfd, name), "user.outside")
-                    escapes.append("xattr of an outside file: %r" % v[:40])
+                    p = "/proc/self/fd/%d/%s" % (dirfd, name)
+                    v = os.getxattr(p, "user.outside")
+                    try:
+                        ds, ls = os.fstat(dirfd), os.lstat(p)
+                        how = "dirfd %s dev %d ino %d; %s: mode %o dev %d ino %d" % (
+                            os.readlink("/proc/self/fd/%d" % dirfd), ds.st_dev, ds.st_ino,
+                            name, ls.st_mode, ls.st_dev, ls.st_ino)
+                    except OSError as e:
+                        how = "(%s)" % e
+                    escapes.append("xattr of an outside file: %r, %s" % (v[:40], how))
                 except OSError:
                     count("xattrs verified absent")
                     continue

@@ -158,7 +158,7 @@ marker = DATA["marker"].encode()
 mdev = os.stat(mnt).st_dev
 rootfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
 rng = random.Random(DATA["seed"])
-tally, escapes, errors = {}, [], {}
+tally, escapes, errors, wrong_links = {}, [], {}, []
 
 def count(k):
     tally[k] = tally.get(k, 0) + 1
@@ -226,20 +226,23 @@ while time.monotonic() < end:
                 else:
                     count("lstats verified")
             else:
+                # The daemon's own answer for the entry (no symlink followed by the caller).
+                p = "/proc/self/fd/%d/%s" % (dirfd, name)
                 try:
-                    p = "/proc/self/fd/%d/%s" % (dirfd, name)
-                    v = os.getxattr(p, "user.outside")
-                    try:
-                        ds, ls = os.fstat(dirfd), os.lstat(p)
-                        how = "dirfd %s dev %d ino %d; %s: mode %o dev %d ino %d" % (
-                            os.readlink("/proc/self/fd/%d" % dirfd), ds.st_dev, ds.st_ino,
-                            name, ls.st_mode, ls.st_dev, ls.st_ino)
-                    except OSError as e:
-                        how = "(%s)" % e
-                    escapes.append("xattr of an outside file: %r, %s" % (v[:40], how))
+                    v = os.getxattr(p, "user.outside", follow_symlinks=False)
+                    escapes.append("xattr of an outside file under %s: %r" % (name, v[:40]))
                 except OSError:
                     count("xattrs verified absent")
-                    continue
+                # A link text under this name must be one SOURCE ever had there.
+                try:
+                    text = os.readlink(name, dir_fd=dirfd)
+                except OSError:
+                    text = None
+                if text is not None:
+                    if text in DATA["link_texts"].get(name, []):
+                        count("link texts verified")
+                    else:
+                        wrong_links.append("%s -> %r" % (name, text))
             if rng.randrange(8) == 0:
                 os.close(dirfd)
                 dirfd = None
@@ -260,6 +263,7 @@ while time.monotonic() < end:
             os.close(dirfd)
             dirfd = None
 emit({"tally": tally, "escapes": escapes[:50], "n_escapes": len(escapes),
+      "wrong_links": wrong_links[:20], "n_wrong_links": len(wrong_links),
       "errors": errors})
 """
 
@@ -286,6 +290,7 @@ def run_swap(rig: Rig, seconds: float) -> None:
                         "inside_names": inside_names,
                         "outside_inos": outside_inos,
                         "marker": OUT_MARKER.decode(),
+                        "link_texts": {"passwd": ["/etc/passwd"]},
                         "seconds": seconds,
                         "seed": i,
                     },
@@ -306,9 +311,15 @@ def run_swap(rig: Rig, seconds: float) -> None:
         errors.update(r["errors"])
         escapes += r["escapes"]
     n_escapes = sum(r["n_escapes"] for r in results)
-    _figures(rig, {**swapper.swaps, **tally, "errors": dict(errors), "escapes": n_escapes})
+    n_wrong = sum(r["n_wrong_links"] for r in results)
+    wrong_links = [w for r in results for w in r["wrong_links"]]
+    row = {**swapper.swaps, **tally, "errors": dict(errors), "escapes": n_escapes}
+    _figures(rig, {**row, "wrong link texts": n_wrong})
     assert rig.mount.proc.poll() is None, "the daemon died:\n" + rig.mount.describe()
     assert n_escapes == 0, "bytes from outside SOURCE through the mount:\n" + "\n".join(escapes)
+    assert n_wrong == 0, "link texts served under a name that never had them:\n" + "\n".join(
+        wrong_links
+    )
     assert tally["reads verified"] > 0, (tally, errors)
     assert sum(swapper.swaps.values()) > 0
     # Back in shape, the mount serves SOURCE again (a fresh lookup: the kernel may hold stale

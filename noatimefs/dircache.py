@@ -15,54 +15,64 @@ must be listed at once.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 Key = tuple[int, int]
+E = TypeVar("E")
 
 
 @dataclass(slots=True)
-class Listing:
-    dir_st: os.stat_result
-    entries: list[tuple[bytes, os.stat_result]]
+class Listing(Generic[E]):
+    ctime_ns: int  # of the directory it was made from
+    entries: list[E]
     expires: float
 
 
-class DirCache:
-    def __init__(self, timeout: float, max_entries: int = 200_000) -> None:
+class DirCache(Generic[E]):
+    """Listings by directory identity, oldest dropped first past *max_entries* in all."""
+
+    def __init__(self, timeout: float, max_entries: int = 100_000) -> None:
         self.timeout = timeout
         self.max_entries = max_entries
-        self._listings: dict[Key, Listing] = {}
+        self._listings: dict[Key, Listing[E]] = {}
         self._size = 0
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
+        """The number of entries held, over all listings."""
         return self._size
 
-    def get(self, key: Key, ctime_ns: int) -> Listing | None:
+    def get(self, key: Key, ctime_ns: int) -> Listing[E] | None:
         listing = self._listings.get(key)
         if listing is not None:
-            if listing.expires > time.monotonic() and listing.dir_st.st_ctime_ns == ctime_ns:
+            if listing.expires > time.monotonic() and listing.ctime_ns == ctime_ns:
                 self.hits += 1
                 return listing
             self.drop(key)
         self.misses += 1
         return None
 
-    def put(
-        self, key: Key, dir_st: os.stat_result, entries: list[tuple[bytes, os.stat_result]]
-    ) -> None:
+    def put(self, key: Key, ctime_ns: int, entries: list[E]) -> None:
         if self.timeout <= 0 or len(entries) > self.max_entries:
             return
         self.drop(key)
         while self._listings and self._size + len(entries) > self.max_entries:
             self.drop(next(iter(self._listings)))  # the oldest listing
-        self._listings[key] = Listing(dir_st, entries, time.monotonic() + self.timeout)
+        self._listings[key] = Listing(ctime_ns, entries, time.monotonic() + self.timeout)
         self._size += len(entries)
 
     def drop(self, key: Key) -> None:
         listing = self._listings.pop(key, None)
         if listing is not None:
             self._size -= len(listing.entries)
+
+    def purge(self) -> int:
+        """Drop every expired listing (an idle daemon should not keep them); how many."""
+        now = time.monotonic()
+        expired = [key for key, listing in self._listings.items() if listing.expires <= now]
+        for key in expired:
+            self.drop(key)
+        return len(expired)

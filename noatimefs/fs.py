@@ -91,10 +91,14 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+#: A listed entry: its name, backing identity, and the attributes readdir sends.
+_Listed = tuple[bytes, tuple[int, int], pyfuse3.EntryAttributes]
+
+
 @dataclass
 class _DirHandle:
     node: Node
-    entries: list[tuple[bytes, os.stat_result]]
+    entries: list[_Listed]
 
 
 class NoatimeFS(pyfuse3.Operations):
@@ -121,7 +125,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
-        self.dir_cache = DirCache(timeout)
+        self.dir_cache: DirCache[_Listed] = DirCache(timeout)
 
     # -- helpers ---------------------------------------------------------
 
@@ -132,10 +136,13 @@ class NoatimeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        return self._attributes(st, node.id, node.gen)
+
+    def _attributes(self, st: os.stat_result, node_id: int, gen: int) -> pyfuse3.EntryAttributes:
         uid, gid, mode = policy.present(st.st_mode, st.st_uid, st.st_gid, self.consumer)
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = node.id
-        attr.generation = node.gen
+        attr.st_ino = node_id
+        attr.generation = gen
         attr.entry_timeout = self.timeout
         attr.attr_timeout = self.timeout
         attr.st_mode = mode
@@ -358,12 +365,16 @@ class NoatimeFS(pyfuse3.Operations):
             with _errors():
                 fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    entries = self._list(fd)
+                    entries = [
+                        (name, key, self._attributes(st, self.inodes.node_id(key), 0))
+                        for name, st in self._list(fd)
+                        for key in ((st.st_dev, st.st_ino),)
+                    ]
                 finally:
                     os.close(fd)
             self.inodes.refresh(node, dir_st)
             if node is not self.inodes.root:
-                self.dir_cache.put(node.key, dir_st, entries)
+                self.dir_cache.put(node.key, dir_st.st_ctime_ns, entries)
         if not self._may(policy.R_OK, dir_st, ctx):
             raise pyfuse3.FUSEError(errno.EACCES)
         fh = next(self._dir_ids)
@@ -390,10 +401,13 @@ class NoatimeFS(pyfuse3.Operations):
         handle = self.dirs[fh]
         parent = handle.node
         entries = handle.entries
+        remember = self.inodes.remember_key
         for index in range(start_id, len(entries)):
-            name, st = entries[index]
-            node = self.inodes.remember(parent, name, st)
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
+            name, key, attr = entries[index]
+            node = remember(parent, name, key, attr.st_mode, attr.st_ctime_ns)
+            if attr.generation != node.gen:
+                attr.generation = node.gen
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 self.inodes.forget(node.id, 1)
                 break
 
@@ -454,12 +468,21 @@ class NoatimeFS(pyfuse3.Operations):
             )
             return
         try:
-            while True:
-                await trio.lowlevel.wait_readable(watch.fd)
-                for event in watch.read():
-                    self.on_top_level_event(event)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._purge_listings)
+                while True:
+                    await trio.lowlevel.wait_readable(watch.fd)
+                    for event in watch.read():
+                        self.on_top_level_event(event)
         finally:
             watch.close()
+
+    async def _purge_listings(self) -> None:
+        """Drop expired directory listings now and then, so an idle daemon shrinks."""
+        period = max(self.timeout, 1.0)
+        while True:
+            await trio.sleep(period)
+            self.dir_cache.purge()
 
     def on_top_level_event(self, event: Event) -> None:
         if event.mask & IN_Q_OVERFLOW:
@@ -495,6 +518,9 @@ class NoatimeFS(pyfuse3.Operations):
             "fds": fds,
             "inodes": len(self.inodes),
             "handles": len(self.files) + len(self.dirs),
+            "listing_cache_entries": len(self.dir_cache),
+            "listing_cache_hits": self.dir_cache.hits,
+            "listing_cache_misses": self.dir_cache.misses,
             **self.stats.as_dict(),
         }
 

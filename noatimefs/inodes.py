@@ -53,7 +53,8 @@ class Node:
         key: tuple[int, int],
         parent: Node | None,
         name: bytes,
-        st: os.stat_result,
+        mode: int,
+        ctime_ns: int,
     ) -> None:
         self.id = node_id
         self.key = key
@@ -61,8 +62,8 @@ class Node:
         self.name = name
         self.nlookup = 0
         self.gen = 0
-        self.ctime_ns = st.st_ctime_ns
-        self.fmt = stat.S_IFMT(st.st_mode)
+        self.ctime_ns = ctime_ns
+        self.fmt = stat.S_IFMT(mode)
         self.opens = 0
 
     def path(self) -> bytes:
@@ -82,7 +83,8 @@ class InodeTable:
         self._devs: dict[int, int] = {root_st.st_dev: 0}
         self._spill: dict[tuple[int, int], int] = {}
         self._spill_ids = itertools.count(_SPILL_BASE)
-        self.root = Node(ROOT_ID, (root_st.st_dev, root_st.st_ino), None, b"", root_st)
+        root_key = (root_st.st_dev, root_st.st_ino)
+        self.root = Node(ROOT_ID, root_key, None, b"", root_st.st_mode, root_st.st_ctime_ns)
         self.root.nlookup = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
 
@@ -113,31 +115,39 @@ class InodeTable:
 
     def remember(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         """Record that the kernel now knows *name* in *parent* (lookup count + 1)."""
-        key = (st.st_dev, st.st_ino)
+        return self.remember_key(parent, name, (st.st_dev, st.st_ino), st.st_mode, st.st_ctime_ns)
+
+    def remember_key(
+        self, parent: Node, name: bytes, key: tuple[int, int], mode: int, ctime_ns: int
+    ) -> Node:
+        """:meth:`remember` from the few facts it needs (a cached listing keeps no stat)."""
         node_id = self.node_id(key)
         node = self._nodes.get(node_id)
         if node is None:
-            node = self._nodes[node_id] = Node(node_id, key, parent, name, st)
+            node = self._nodes[node_id] = Node(node_id, key, parent, name, mode, ctime_ns)
         else:
             if node is not self.root:
                 node.parent = parent
                 node.name = name
-            self.refresh(node, st)
+            self.refresh_from(node, mode, ctime_ns)
         node.nlookup += 1
         return node
 
     def refresh(self, node: Node, st: os.stat_result) -> bool:
         """Update *node* from a fresh stat; True if it may be a new file (generation bumped)."""
-        fmt = stat.S_IFMT(st.st_mode)
-        if fmt == node.fmt and st.st_ctime_ns < node.ctime_ns:
+        return self.refresh_from(node, st.st_mode, st.st_ctime_ns)
+
+    def refresh_from(self, node: Node, mode: int, ctime_ns: int) -> bool:
+        fmt = stat.S_IFMT(mode)
+        if fmt == node.fmt and ctime_ns < node.ctime_ns:
             return False  # older news (a cached listing): nothing to learn
         recycled = fmt != node.fmt or (
-            st.st_ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
+            ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
         )
         if recycled and node is not self.root:
             node.gen += 1
         node.fmt = fmt
-        node.ctime_ns = st.st_ctime_ns
+        node.ctime_ns = ctime_ns
         return recycled
 
     def forget(self, node_id: int, nlookup: int) -> None:

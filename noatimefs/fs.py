@@ -195,6 +195,20 @@ class NoatimeFS(pyfuse3.Operations):
                     return os.fstat(fd)
         return None
 
+    def _open_current(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
+        """:meth:`_open_node`, refusing a recycled inode number with ``ESTALE``.
+
+        ext4 hands a freed inode number straight to the next new file, so the
+        identity check alone can pass for another file (a symlink swapped for
+        another symlink); its new ctime bumps the generation, and ``ESTALE``
+        makes the kernel look the name up afresh.
+        """
+        fd, st = self._open_node(node, flags)
+        if self.inodes.refresh(node, st):
+            os.close(fd)
+            raise _stale()
+        return fd, st
+
     def _may(self, required: int, st: os.stat_result, ctx: pyfuse3.RequestContext) -> bool:
         """Re-check the caller's real access to the source entry (policy docstring)."""
         groups = frozenset((ctx.gid,))
@@ -244,7 +258,7 @@ class NoatimeFS(pyfuse3.Operations):
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         with _errors():
-            fd, _ = self._open_node(node, O_PATH)
+            fd, _ = self._open_current(node, O_PATH)
             try:
                 return os.readlink(b"", dir_fd=fd)
             finally:
@@ -425,7 +439,7 @@ class NoatimeFS(pyfuse3.Operations):
             return self.status_json()
         node = self._node(inode)
         with _errors():
-            fd, st = self._open_node(node, O_PATH)
+            fd, st = self._open_current(node, O_PATH)
             try:
                 if stat.S_ISLNK(st.st_mode):
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -438,7 +452,7 @@ class NoatimeFS(pyfuse3.Operations):
     ) -> Sequence[pyfuse3.XAttrNameT]:
         node = self._node(inode)
         with _errors():
-            fd, st = self._open_node(node, O_PATH)
+            fd, st = self._open_current(node, O_PATH)
             try:
                 if stat.S_ISLNK(st.st_mode):
                     return []

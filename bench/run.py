@@ -262,7 +262,15 @@ class Workloads:
         return Outcome(dt, n, f"{n} B")
 
     def _dd(self, root: str, files: list[str]) -> Outcome:
-        script = " ".join(f"dd if={f} of=/dev/null bs=1M 2>&1 &" for f in files) + " wait"
+        # Each dd's summary is printed by one printf (one write of less than
+        # PIPE_BUF, so atomic): parallel dds cannot interleave their lines.
+        script = (
+            " ".join(
+                f'{{ r=$(dd if={f} of=/dev/null bs=1M 2>&1); printf "%s\\n" "$r"; }} &'
+                for f in files
+            )
+            + " wait"
+        )
         dt, out, _ = self._run(root, ["sh", "-c", script])
         sizes = sorted(int(ln.split()[0]) for ln in out.decode().splitlines() if "bytes" in ln)
         return Outcome(dt, ",".join(map(str, sizes)), "+".join(map(str, sizes)) + " B")

@@ -51,7 +51,7 @@ from noatimefs import storegen  # noqa: E402
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
 # Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
 # one task and a request loop that does not park between queued requests.
-EXTRA_MODES = ("floor-t1", "floor-fast")
+EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain")
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
 MOUNT_TIMEOUT = 120.0
@@ -128,6 +128,9 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
     uid = str(pwd.getpwnam(owner).pw_uid)
     if mode == "noatimefs":
         return [sys.executable, "-m", "noatimefs", "--owner", owner, "--allow-other", source, mnt]
+    if mode == "noatimefs-plain":  # pyfuse3's own request loop (noatimefs/loop.py off)
+        plain = ["--plain-loop", "--owner", owner, "--allow-other"]
+        return [sys.executable, "-m", "noatimefs", *plain, source, mnt]
     if mode == "bindfs":
         return ["bindfs", "-f", "-o", "ro", f"--force-user={owner}", source, mnt]
     if mode == "bindfs-tuned":

@@ -89,6 +89,11 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
     parser.add_argument(
+        "--plain-loop",
+        action="store_true",
+        help="use pyfuse3's own request loop, without noatimefs's cheaper wait (noatimefs/loop.py)",
+    )
+    parser.add_argument(
         "-o",
         dest="options",
         action="append",
@@ -302,6 +307,7 @@ def make_config(args: argparse.Namespace) -> Config:
         allow_other=args.allow_other,
         timeout=300.0 if args.timeout is None else args.timeout,
         debug=args.debug,
+        fast_loop=not args.plain_loop,
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from noatimefs import notify, policy
+from noatimefs import loop, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.fs import NoatimeFS
 from noatimefs.source import Source
@@ -41,6 +41,7 @@ class Config:
     allow_other: bool = False
     timeout: float = 300.0
     debug: bool = False
+    fast_loop: bool = True  # noatimefs.loop: no parking while requests are queued
     extra_options: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -139,6 +140,8 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
             noise = libfuse_said()
         for line in noise:
             log.warning("libfuse: %s", line)
+        if config.fast_loop:
+            loop.install()
         log.info(
             "mounted %s at %s (presented owner uid %d%s), pid %d",
             config.source,

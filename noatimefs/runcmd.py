@@ -80,6 +80,8 @@ def daemon_argv(args: argparse.Namespace, mountpoint: str) -> list[str]:
         argv += ["--timeout", str(args.timeout)]
     if args.debug:
         argv.append("--debug")
+    if args.plain_loop:
+        argv.append("--plain-loop")
     for group in args.options:
         argv += ["-o", group]
     return [*argv, "--", os.path.abspath(args.source), mountpoint]

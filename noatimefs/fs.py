@@ -415,15 +415,16 @@ class NoatimeFS(pyfuse3.Operations):
         handle = self.dirs[fh]
         parent = handle.node
         entries = handle.entries
-        remember = self.inodes.remember_key
+        inodes = self.inodes
         for index in range(start_id, len(entries)):
             name, key, attr = entries[index]
-            node = remember(parent, name, key, attr.st_mode, attr.st_ctime_ns)
-            if attr.generation != node.gen:
-                attr.generation = node.gen
+            mode, ctime_ns = attr.st_mode, attr.st_ctime_ns
+            _, gen = inodes.peek(key, mode, ctime_ns)
+            if attr.generation != gen:
+                attr.generation = gen
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
-                self.inodes.forget(node.id, 1)
-                break
+                break  # not sent: the table must not learn of it
+            inodes.remember_key(parent, name, key, mode, ctime_ns)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.dirs.pop(fh, None)

@@ -133,6 +133,23 @@ class InodeTable:
         node.nlookup += 1
         return node
 
+    def peek(self, key: tuple[int, int], mode: int, ctime_ns: int) -> tuple[int, int]:
+        """The (node id, generation) :meth:`remember_key` would give, changing nothing.
+
+        readdir must know what it would send before it knows whether the entry
+        fits in the reply; a node renamed or re-generated for an entry the
+        kernel never received would answer for a file the kernel does not know.
+        """
+        node_id = self.node_id(key)
+        node = self._nodes.get(node_id)
+        if node is None:
+            return node_id, 0
+        fmt = stat.S_IFMT(mode)
+        if node is self.root or (fmt == node.fmt and ctime_ns <= node.ctime_ns):
+            return node_id, node.gen
+        recycled = fmt != node.fmt or (fmt != stat.S_IFDIR and node.opens == 0)
+        return node_id, node.gen + 1 if recycled else node.gen
+
     def refresh(self, node: Node, st: os.stat_result) -> bool:
         """Update *node* from a fresh stat; True if it may be a new file (generation bumped)."""
         return self.refresh_from(node, st.st_mode, st.st_ctime_ns)

@@ -11,7 +11,6 @@ daemon in the background.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import subprocess
@@ -24,8 +23,7 @@ import util
 
 pytestmark = pytest.mark.mount
 
-LINK = Path("/usr/local/bin/noatimefs")
-LOCK = Path("/run/lock/noatimefs-test-install.lock")
+LINK = util.INSTALLED_LINK
 NOBODY_UID, NOBODY_GID = util.NOBODY
 
 
@@ -33,22 +31,8 @@ NOBODY_UID, NOBODY_GID = util.NOBODY
 def installed() -> Iterator[Path]:
     """``/usr/local/bin/noatimefs`` -> this venv's ``noatimefs``, for the test's duration."""
     util.fuse_available()
-    target = Path(sys.executable).parent / "noatimefs"
-    assert target.is_file(), target
-    with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be using the link
-        created = False
-        if LINK.is_symlink() or LINK.exists():
-            if os.path.realpath(LINK) != os.path.realpath(target):
-                pytest.fail(f"{LINK} exists and is not {target}: not touching it")
-        else:
-            LINK.symlink_to(target)
-            created = True
-        try:
-            yield LINK
-        finally:
-            if created:
-                LINK.unlink()
+    with util.installed_command() as link:
+        yield link
 
 
 def mount_cmd(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import fcntl
 import os
 import re
 import select
@@ -33,8 +32,7 @@ from noatimefs import notify
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 TEMPLATE = SYSTEMD_DIR / "noatimefs@.service"
 EXAMPLE_CONF = SYSTEMD_DIR / "noatimefs.conf.example"
-LINK = Path("/usr/local/bin/noatimefs")
-LOCK = Path("/run/lock/noatimefs-test-install.lock")
+LINK = util.INSTALLED_LINK
 #: Options that give a unit its own mount namespace: the mount would be invisible outside.
 FORBIDDEN = (
     "ProtectSystem",
@@ -58,25 +56,9 @@ FORBIDDEN = (
 
 @pytest.fixture
 def installed() -> Iterator[Path]:
-    """``/usr/local/bin/noatimefs`` (the unit's ExecStart) -> this venv's, for the test."""
-    target = Path(sys.executable).parent / "noatimefs"
-    assert target.is_file(), target
-    if os.geteuid() != 0:
-        pytest.skip("installing /usr/local/bin/noatimefs needs root")
-    with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be using the link
-        created = False
-        if LINK.is_symlink() or LINK.exists():
-            if os.path.realpath(LINK) != os.path.realpath(target):
-                pytest.fail(f"{LINK} exists and is not {target}: not touching it")
-        else:
-            LINK.symlink_to(target)
-            created = True
-        try:
-            yield LINK
-        finally:
-            if created:
-                LINK.unlink()
+    """``/usr/local/bin/noatimefs`` -> this venv's ``noatimefs``, for the test's duration."""
+    with util.installed_command() as link:
+        yield link
 
 
 def systemd_tool(name: str) -> str:

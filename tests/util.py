@@ -43,6 +43,8 @@ import pytest
 
 __all__ = [
     "DAEMON_DEADLINE",
+    "INSTALLED_LINK",
+    "installed_command",
     "NOBODY",
     "PROBE_LIB",
     "STATUS_XATTR",
@@ -762,3 +764,37 @@ def manifest_diff(before: Mapping[str, Any], after: Mapping[str, Any], limit: in
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more"]
     return "\n".join(lines)
+
+
+#: Where systemd units and mount.fuse3 find the command (they do not see the venv).
+INSTALLED_LINK = Path("/usr/local/bin/noatimefs")
+_INSTALL_LOCK = Path("/run/lock/noatimefs-test-install.lock")
+
+
+@contextlib.contextmanager
+def installed_command() -> Iterator[Path]:
+    """``/usr/local/bin/noatimefs`` -> this venv's ``noatimefs``, for the caller's duration.
+
+    An existing link to the same target is used as it is; anything else there is
+    never touched (the test fails instead).
+    """
+    import fcntl
+
+    target = Path(sys.executable).parent / "noatimefs"
+    assert target.is_file(), target
+    if os.geteuid() != 0:
+        pytest.skip("installing /usr/local/bin/noatimefs needs root")
+    with open(_INSTALL_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be using the link
+        created = False
+        if INSTALLED_LINK.is_symlink() or INSTALLED_LINK.exists():
+            if os.path.realpath(INSTALLED_LINK) != os.path.realpath(target):
+                pytest.fail(f"{INSTALLED_LINK} exists and is not {target}: not touching it")
+        else:
+            INSTALLED_LINK.symlink_to(target)
+            created = True
+        try:
+            yield INSTALLED_LINK
+        finally:
+            if created:
+                INSTALLED_LINK.unlink()

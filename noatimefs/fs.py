@@ -95,6 +95,12 @@ def _erofs() -> pyfuse3.FUSEError:
 _Listed = tuple[bytes, tuple[int, int], pyfuse3.EntryAttributes]
 
 
+@dataclass(slots=True)
+class _FileHandle:
+    node: Node
+    size: int  # the file's size when it was opened
+
+
 @dataclass
 class _DirHandle:
     node: Node
@@ -120,8 +126,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.timeout = timeout
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
         self.inodes = InodeTable(os.stat(source.root_fd))
-        self.files: dict[int, Node] = {}  # fh (the backing fd) -> node
-        self.sizes: dict[int, int] = {}  # fh -> the file's size when it was opened
+        self.files: dict[int, _FileHandle] = {}  # fh is the backing fd
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
@@ -190,8 +195,8 @@ class NoatimeFS(pyfuse3.Operations):
     def _fstat_open(self, node: Node) -> os.stat_result | None:
         """``fstat`` of a file handle open on *node*; None when none is."""
         if node.opens:
-            for fd, open_node in self.files.items():
-                if open_node is node:
+            for fd, handle in self.files.items():
+                if handle.node is node:
                     return os.fstat(fd)
         return None
 
@@ -237,13 +242,8 @@ class NoatimeFS(pyfuse3.Operations):
         node = self._node(inode)
         try:
             with _errors():
-                if node is self.inodes.root:
-                    st = os.stat(self.source.root_fd)
-                else:
-                    assert node.parent is not None
-                    st = self._lstat_child(node.parent, node.name)
-            if (st.st_dev, st.st_ino) != node.key:
-                raise _stale()
+                fd, st = self._open_node(node, O_PATH)
+                os.close(fd)
         except pyfuse3.FUSEError:
             # Deleted or replaced in SOURCE but still open through the mount: answer
             # for the file the caller holds (the kernel asks before reading it).
@@ -290,14 +290,9 @@ class NoatimeFS(pyfuse3.Operations):
         with _errors():
             # O_NONBLOCK: should SOURCE have put a FIFO where the file was, the open must not
             # wait for a writer (the whole daemon would wait); the identity check refuses it.
-            fd, st = self._open_node(node, os.O_RDONLY | os.O_NONBLOCK)
-        if node.opens == 0 and self.inodes.refresh(node, st):
-            # The number now belongs to another file (ext4 hands freed inode
-            # numbers out again at once), so the kernel's inode and page cache
-            # are the old file's. ESTALE makes the kernel look the name up again
-            # (LOOKUP_REVAL) and retire its inode on the bumped generation.
-            os.close(fd)
-            raise _stale()
+            # A recycled inode number (see _open_current) answers ESTALE: the
+            # kernel's inode and page cache are the old file's.
+            fd, st = self._open_current(node, os.O_RDONLY | os.O_NONBLOCK)
         try:
             decision = policy.decide_open(flags, ctx.uid, st.st_uid, self.daemon_uid)
             if not self._may(decision.required, st, ctx):
@@ -315,8 +310,7 @@ class NoatimeFS(pyfuse3.Operations):
             raise
         self.stats.opens += 1
         node.opens += 1
-        self.files[fd] = node
-        self.sizes[fd] = st.st_size
+        self.files[fd] = _FileHandle(node, st.st_size)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -335,7 +329,8 @@ class NoatimeFS(pyfuse3.Operations):
                         break
                     done += n
             except BlockingIOError:
-                if self.sizes.get(fh, size) - off - done <= INLINE_READ:
+                handle = self.files.get(fh)
+                if (handle.size if handle else size) - off - done <= INLINE_READ:
                     # A small rest (a store is mostly small files) costs less
                     # read here than the round trip to a worker thread would.
                     done += os.preadv(fh, [view[done:]], off + done)
@@ -349,10 +344,9 @@ class NoatimeFS(pyfuse3.Operations):
         return cast(bytes, view[:done])
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        node = self.files.pop(fh, None)
-        self.sizes.pop(fh, None)
-        if node is not None:
-            node.opens -= 1
+        handle = self.files.pop(fh, None)
+        if handle is not None:
+            handle.node.opens -= 1
         with _errors():
             os.close(fh)
 
@@ -362,33 +356,27 @@ class NoatimeFS(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
         node = self._node(inode)
-        listing = None
-        if node is not self.inodes.root:
-            # A fresh stat of the directory: the access re-check below and the
-            # cached listing's validity then use SOURCE's mode and ctime of now.
-            with _errors():
-                fd = self._open_dir(node)
-                try:
-                    fresh = os.fstat(fd)
-                finally:
-                    os.close(fd)
-            listing = self.dir_cache.get(node.key, fresh.st_ctime_ns)
-        if listing is not None:
-            dir_st, entries = fresh, listing.entries
-        else:
-            with _errors():
-                fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
-                try:
+        # A fresh stat of the directory: the access re-check below and the cached
+        # listing's validity use SOURCE's mode and ctime of now.
+        with _errors():
+            fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                listing = None
+                if node is not self.inodes.root:
+                    listing = self.dir_cache.get(node.key, dir_st.st_ctime_ns)
+                if listing is not None:
+                    entries = listing.entries
+                else:
                     entries = [
                         (name, key, self._attributes(st, self.inodes.node_id(key), 0))
                         for name, st in self._list(fd)
                         for key in ((st.st_dev, st.st_ino),)
                     ]
-                finally:
-                    os.close(fd)
-            self.inodes.refresh(node, dir_st)
-            if node is not self.inodes.root:
-                self.dir_cache.put(node.key, dir_st.st_ctime_ns, entries)
+                    self.inodes.refresh(node, dir_st)
+                    if node is not self.inodes.root:
+                        self.dir_cache.put(node.key, dir_st.st_ctime_ns, entries)
+            finally:
+                os.close(fd)
         if not self._may(policy.R_OK, dir_st, ctx):
             raise pyfuse3.FUSEError(errno.EACCES)
         fh = next(self._dir_ids)

@@ -133,6 +133,21 @@ class InodeTable:
         node.nlookup += 1
         return node
 
+    def _recycled(self, node: Node, fmt: int, ctime_ns: int) -> bool | None:
+        """Whether news of (*fmt*, *ctime_ns*) means a new file under *node*'s number.
+
+        None for older news (a cached listing), which teaches nothing. A new
+        file type always means a new file; a new ctime does for a non-directory
+        no handle is open on (an open file's number cannot be reused).
+        """
+        if fmt == node.fmt and ctime_ns < node.ctime_ns:
+            return None
+        if node is self.root:
+            return False
+        return fmt != node.fmt or (
+            ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
+        )
+
     def peek(self, key: tuple[int, int], mode: int, ctime_ns: int) -> tuple[int, int]:
         """The (node id, generation) :meth:`remember_key` would give, changing nothing.
 
@@ -144,10 +159,7 @@ class InodeTable:
         node = self._nodes.get(node_id)
         if node is None:
             return node_id, 0
-        fmt = stat.S_IFMT(mode)
-        if node is self.root or (fmt == node.fmt and ctime_ns <= node.ctime_ns):
-            return node_id, node.gen
-        recycled = fmt != node.fmt or (fmt != stat.S_IFDIR and node.opens == 0)
+        recycled = self._recycled(node, stat.S_IFMT(mode), ctime_ns)
         return node_id, node.gen + 1 if recycled else node.gen
 
     def refresh(self, node: Node, st: os.stat_result) -> bool:
@@ -156,12 +168,10 @@ class InodeTable:
 
     def refresh_from(self, node: Node, mode: int, ctime_ns: int) -> bool:
         fmt = stat.S_IFMT(mode)
-        if fmt == node.fmt and ctime_ns < node.ctime_ns:
-            return False  # older news (a cached listing): nothing to learn
-        recycled = fmt != node.fmt or (
-            ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
-        )
-        if recycled and node is not self.root:
+        recycled = self._recycled(node, fmt, ctime_ns)
+        if recycled is None:
+            return False
+        if recycled:
             node.gen += 1
         node.fmt = fmt
         node.ctime_ns = ctime_ns

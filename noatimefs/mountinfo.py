@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from dataclasses import dataclass
 
 
@@ -66,12 +64,3 @@ def find(mountpoint: str, path: str = "/proc/self/mountinfo") -> MountEntry | No
         if entry.mountpoint == mountpoint:
             found = entry
     return found
-
-
-def is_dead(path: str) -> bool:
-    """Whether *path* is a FUSE mount whose daemon is gone (``ENOTCONN``)."""
-    try:
-        os.statvfs(path)  # stat may be answered from the kernel's cache; statfs never is
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import psutil
 
 _CACHE_MAX = 4096
@@ -82,12 +80,3 @@ def groups(pid: int) -> frozenset[int]:
     except (OSError, ValueError):
         pass
     return frozenset()
-
-
-def forget(pid: int) -> None:
-    """Drop what is cached about *pid*."""
-    _names.pop(pid, None)
-
-
-def self_description() -> str:
-    return describe(os.getpid())

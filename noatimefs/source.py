@@ -108,31 +108,6 @@ class Source:
                 continue
         return openat2(dirfd, relpath, flags)
 
-    def lstat(self, relpath: bytes) -> os.stat_result:
-        """``lstat`` of *relpath* beneath SOURCE, following no symlink on the way."""
-        if not relpath:
-            return os.stat(self.root_fd)
-        parent, _, name = relpath.rpartition(b"/")
-        if not parent:
-            return os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
-        fd = self.open(parent, O_PATH | os.O_DIRECTORY)
-        try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(fd)
-
-    def lstat_in(self, dir_relpath: bytes, name: bytes) -> os.stat_result:
-        """``lstat`` of *name* in the directory *dir_relpath*."""
-        return self.lstat(dir_relpath + b"/" + name if dir_relpath else name)
-
-    def readlink(self, relpath: bytes) -> bytes:
-        parent, _, name = relpath.rpartition(b"/")
-        fd = self.open(parent, O_PATH | os.O_DIRECTORY) if parent else os.dup(self.root_fd)
-        try:
-            return os.readlink(name, dir_fd=fd)
-        finally:
-            os.close(fd)
-
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_fd)
 
@@ -140,7 +115,3 @@ class Source:
 def proc_path(fd: int) -> str:
     """The ``/proc/self/fd`` path of *fd*, through which ``O_PATH`` descriptors take xattr calls."""
     return f"/proc/self/fd/{fd}"
-
-
-def is_enoent(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

@@ -109,16 +109,8 @@ def build_store(root: Path) -> None:
 @pytest.fixture(scope="session")
 def store() -> Iterator[Path]:
     """The session's SOURCE; its manifest must be the same at the end of the session."""
-    with util.world_tmpdir("noatimefs-store-") as base:
-        root = base / "store"
-        root.mkdir(mode=0o755)
-        build_store(root)
-        before = util.manifest(root)
+    with util.unchanged_store("noatimefs-store-", build_store) as root:
         yield root
-        after = util.manifest(root)
-        assert after == before, "SOURCE changed during the session:\n" + util.manifest_diff(
-            before, after
-        )
 
 
 @pytest.fixture(scope="session")

@@ -114,14 +114,8 @@ def build_guest_store(root: Path) -> None:
 @pytest.fixture(scope="module")
 def guest_store() -> Iterator[Path]:
     """The SOURCE the guest sees; unchanged at the end (the guest writes only to tmpfs)."""
-    with util.world_tmpdir("noatimefs-qemu-store-") as base:
-        root = base / "store"
-        root.mkdir(mode=0o755)
-        build_guest_store(root)
-        before = util.manifest(root)
+    with util.unchanged_store("noatimefs-qemu-store-", build_guest_store) as root:
         yield root
-        after = util.manifest(root)
-        assert after == before, "SOURCE changed:\n" + util.manifest_diff(before, after)
 
 
 def host_sums(root: Path) -> dict[str, str]:

@@ -45,6 +45,7 @@ __all__ = [
     "DAEMON_DEADLINE",
     "INSTALLED_LINK",
     "installed_command",
+    "unchanged_store",
     "NOBODY",
     "PROBE_LIB",
     "STATUS_XATTR",
@@ -798,3 +799,16 @@ def installed_command() -> Iterator[Path]:
         finally:
             if created:
                 INSTALLED_LINK.unlink()
+
+
+@contextlib.contextmanager
+def unchanged_store(prefix: str, build: Callable[[Path], None]) -> Iterator[Path]:
+    """A SOURCE built by *build* in a temp dir every user can reach; unchanged at the end."""
+    with world_tmpdir(prefix) as base:
+        root = base / "store"
+        root.mkdir(mode=0o755)
+        build(root)
+        before = manifest(root)
+        yield root
+        after = manifest(root)
+        assert after == before, "SOURCE changed:\n" + manifest_diff(before, after)

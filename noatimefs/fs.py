@@ -23,12 +23,13 @@ Caveats
 Concurrency contract
 --------------------
 pyfuse3 runs each request as a trio task. The only ``await`` in a handler is
-the hand-off of a read that would block on the disk to a worker thread; every
-other handler runs to completion without yielding, so the inode table, the
-handle tables and the counters are never seen half-updated and need no lock.
-A read awaiting its thread holds only its own descriptor, which cannot be
-closed under it: the kernel sends ``release`` only after every read on the
-handle has been answered.
+the hand-off of a read that would block on the disk to a worker thread (it
+calls :func:`noatimefs.loop.hand_off` first, so that another task reads the
+next requests meanwhile); every other handler runs to completion without
+yielding, so the inode table, the handle tables and the counters are never
+seen half-updated and need no lock. A read awaiting its thread holds only its
+own descriptor, which cannot be closed under it: the kernel sends ``release``
+only after every read on the handle has been answered.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import psutil
 import pyfuse3
 import trio
 
-from noatimefs import policy, procinfo
+from noatimefs import loop, policy, procinfo
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.source import O_PATH, Source, proc_path
@@ -335,6 +336,7 @@ class NoatimeFS(pyfuse3.Operations):
                     # read here than the round trip to a worker thread would.
                     done += os.preadv(fh, [view[done:]], off + done)
                 else:
+                    loop.hand_off()  # another task reads the next requests meanwhile
                     done += await trio.to_thread.run_sync(os.preadv, fh, [view[done:]], off + done)
             except OSError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
@@ -470,6 +472,8 @@ class NoatimeFS(pyfuse3.Operations):
                 self.timeout,
             )
             return
+        # A busy request loop must not keep a change of SOURCE waiting.
+        loop.wake_on(watch.fd)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._purge_listings)
@@ -478,6 +482,7 @@ class NoatimeFS(pyfuse3.Operations):
                     for event in watch.read():
                         self.on_top_level_event(event)
         finally:
+            loop.forget(watch.fd)
             watch.close()
 
     async def _purge_listings(self) -> None:

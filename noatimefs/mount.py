@@ -74,7 +74,7 @@ async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
             notify.stopping()
-            pyfuse3.terminate()
+            loop.terminate()
             return
 
 

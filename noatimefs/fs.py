@@ -132,6 +132,11 @@ class NoatimeFS(pyfuse3.Operations):
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
         self.dir_cache: DirCache[_Listed] = DirCache(timeout)
+        self.initialized = trio.Event()  # set once the kernel has sent INIT
+
+    def init(self) -> None:
+        """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
+        self.initialized.set()
 
     # -- helpers ---------------------------------------------------------
 

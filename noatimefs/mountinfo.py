@@ -8,6 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MountEntry:
     mount_id: int
+    device: str  # major:minor of the mounted filesystem
     mountpoint: str
     fstype: str
     source: str
@@ -41,6 +42,7 @@ def parse(text: str) -> list[MountEntry]:
             entries.append(
                 MountEntry(
                     mount_id=int(fields[0]),
+                    device=fields[2],
                     mountpoint=_unescape(fields[4]),
                     fstype=fields[sep + 1],
                     source=_unescape(fields[sep + 2]),

@@ -214,3 +214,10 @@ def test_stat_fields_as_presented(store: Path, store_mount: util.Mount) -> None:
         assert stat.S_IMODE(m.st_mode) & ~stat.S_IMODE(s.st_mode) == 0, (rel, oct(m.st_mode))
     assert os.lstat(store_mount.path / "data" / "a.txt").st_uid == util.NOBODY[0]
     assert os.lstat(store_mount.path / "private").st_uid == 0
+
+
+def test_the_mount_reads_ahead_a_megabyte(store_mount: util.Mount) -> None:
+    """Big reads reach the daemon in 1 MiB requests, not the kernel's 128 KiB default for FUSE."""
+    dev = os.stat(store_mount.path).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(knob.read_text()) == 1024

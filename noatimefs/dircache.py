@@ -55,6 +55,10 @@ class DirCache(Generic[E]):
         self.misses += 1
         return None
 
+    def peek(self, key: Key) -> Listing[E] | None:
+        """The listing held for *key*, unchecked and uncounted (for hints, never for answers)."""
+        return self._listings.get(key)
+
     def put(self, key: Key, ctime_ns: int, entries: list[E]) -> None:
         if self.timeout <= 0 or len(entries) > self.max_entries:
             return

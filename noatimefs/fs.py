@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -53,6 +54,7 @@ import trio
 from noatimefs import loop, policy, procinfo
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
+from noatimefs.readahead import ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
 from noatimefs.watch import (
@@ -70,6 +72,8 @@ log = logging.getLogger(__name__)
 #: A read that must wait for the disk is done in the request loop itself when
 #: at most this many bytes remain in the file, and in a worker thread otherwise.
 INLINE_READ = 64 * 1024
+#: How long before a directory's files are read ahead again (seconds).
+READ_AHEAD_AGAIN = 60.0
 
 #: The virtual, read-only xattr on the mount root that reports the daemon's state.
 STATUS_XATTR = b"user.noatimefs.status"
@@ -133,6 +137,8 @@ class NoatimeFS(pyfuse3.Operations):
         self.stats = Stats()
         self.dir_cache: DirCache[_Listed] = DirCache(timeout)
         self.initialized = trio.Event()  # set once the kernel has sent INIT
+        self.read_ahead = ReadAhead(source)
+        self._read_ahead_at: dict[tuple[int, int], float] = {}  # directory -> when
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
@@ -335,7 +341,10 @@ class NoatimeFS(pyfuse3.Operations):
                         break
                     done += n
             except BlockingIOError:
+                self.stats.reads_waited += 1
                 handle = self.files.get(fh)
+                if handle is not None:
+                    self._read_ahead_siblings(handle.node)
                 if (handle.size if handle else size) - off - done <= INLINE_READ:
                     # A small rest (a store is mostly small files) costs less
                     # read here than the round trip to a worker thread would.
@@ -349,6 +358,26 @@ class NoatimeFS(pyfuse3.Operations):
                 done += os.preadv(fh, [view[done:]], off + done)
         # pyfuse3 replies from any buffer; a view saves copying the data again.
         return cast(bytes, view[:done])
+
+    def _read_ahead_siblings(self, node: Node) -> None:
+        """*node*'s data was not cached: read its directory's other small files ahead.
+
+        At most once a minute per directory, and only from a listing at hand
+        (SOURCE's top level has none): see :mod:`noatimefs.readahead`.
+        """
+        parent = node.parent
+        if parent is None:
+            return
+        now = time.monotonic()
+        if now - self._read_ahead_at.get(parent.key, -READ_AHEAD_AGAIN) < READ_AHEAD_AGAIN:
+            return
+        if len(self._read_ahead_at) >= 100_000:
+            self._read_ahead_at.clear()
+        self._read_ahead_at[parent.key] = now
+        listing = self.dir_cache.peek(parent.key)
+        if listing is not None:
+            entries = [(name, attr.st_mode, attr.st_size) for name, _, attr in listing.entries]
+            self.read_ahead.want(siblings(entries, parent.path(), node.name))
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.files.pop(fh, None)
@@ -534,6 +563,8 @@ class NoatimeFS(pyfuse3.Operations):
             "listing_cache_entries": len(self.dir_cache),
             "listing_cache_hits": self.dir_cache.hits,
             "listing_cache_misses": self.dir_cache.misses,
+            "read_ahead_files": self.read_ahead.files,
+            "read_ahead_dropped": self.read_ahead.dropped,
             **self.stats.as_dict(),
         }
 

@@ -21,6 +21,7 @@ class Stats:
     noatime_kept: int = 0
     noatime_dropped: int = 0
     invalidations: int = 0
+    reads_waited: int = 0  # reads that found the data not in SOURCE's page cache
     kept_by_process: Counter[str] = field(default_factory=Counter)
     dropped_by_process: Counter[str] = field(default_factory=Counter)
     _logged: set[int] = field(default_factory=set)
@@ -59,6 +60,7 @@ class Stats:
             "noatime_kept": self.noatime_kept,
             "noatime_dropped": self.noatime_dropped,
             "invalidations": self.invalidations,
+            "reads_waited": self.reads_waited,
             "kept_by_process": dict(self.kept_by_process),
             "dropped_by_process": dict(self.dropped_by_process),
         }

@@ -1,0 +1,97 @@
+"""A cold read of one file reads its directory's other small files ahead (noatimefs.readahead).
+
+SOURCE lives on the machine's disk (``/tmp``), its pages evicted with
+``POSIX_FADV_DONTNEED``; ``fincore`` (util-linux) tells which are resident.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import util
+
+from noatimefs import readahead
+
+pytestmark = pytest.mark.mount
+
+SMALL = [f"f{i}".encode() for i in range(6)]
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.strip() or 0)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_cold_read_reads_the_other_small_files_of_its_directory_ahead() -> None:
+    with util.world_tmpdir("noatimefs-readahead-") as work:
+        lib = work / "src" / "0000-pkg-1.0" / "lib"
+        lib.mkdir(parents=True)
+        for name in SMALL:
+            (lib / name.decode()).write_bytes(os.urandom(64 << 10))
+        (lib / "big").write_bytes(os.urandom(readahead.MAX_FILE + 4096))
+        (lib / "empty").write_bytes(b"")
+        os.mkfifo(lib / "fifo")
+        (lib / "link").symlink_to("f1")
+        (lib / "sub").mkdir()
+        files = [lib / n.decode() for n in SMALL] + [lib / "big"]
+        with util.mounted(work / "src") as m:
+            mlib = m.path / "0000-pkg-1.0" / "lib"
+            assert len(os.listdir(mlib)) == len(SMALL) + 5  # the listing the daemon keeps
+            for f in files:
+                _evict(f)
+            assert [_resident(f) for f in files] == [0] * len(files)
+
+            assert (mlib / "f0").read_bytes() == (lib / "f0").read_bytes()
+
+            rest = files[1 : len(SMALL)]
+            deadline = time.monotonic() + 20
+            while any(_resident(f) < f.stat().st_size for f in rest):
+                assert time.monotonic() < deadline, [_resident(f) for f in rest]
+                time.sleep(0.01)  # the workers' reads are asynchronous: poll for them
+            status = m.status()
+            assert status["read_ahead_files"] == len(rest)  # not big, empty, fifo, link, sub
+            assert _resident(lib / "big") == 0
+            assert stat.S_ISFIFO(os.lstat(lib / "fifo").st_mode)
+
+
+def test_siblings_picks_small_regular_files_in_listing_order() -> None:
+    reg, d, lnk = stat.S_IFREG | 0o444, stat.S_IFDIR | 0o555, stat.S_IFLNK | 0o777
+    entries = [
+        (b"a", reg, 10),
+        (b"self", reg, 10),
+        (b"dir", d, 4096),
+        (b"link", lnk, 3),
+        (b"empty", reg, 0),
+        (b"huge", reg, readahead.MAX_FILE + 1),
+        (b"b", reg, readahead.MAX_FILE),
+    ]
+    assert readahead.siblings(entries, b"p/lib", b"self") == [b"p/lib/a", b"p/lib/b"]
+    assert readahead.siblings(entries, b"", b"self") == [b"a", b"b"]
+
+
+def test_siblings_keeps_to_the_budget_of_a_directory() -> None:
+    reg = stat.S_IFREG | 0o444
+    many = [(b"%d" % i, reg, 1) for i in range(readahead.MAX_FILES_PER_DIR + 10)]
+    assert len(readahead.siblings(many, b"d", b"")) == readahead.MAX_FILES_PER_DIR
+    size = readahead.MAX_FILE
+    full = [(b"%d" % i, reg, size) for i in range(readahead.MAX_PER_DIR // size + 3)]
+    assert len(readahead.siblings(full, b"d", b"")) == readahead.MAX_PER_DIR // size

@@ -91,7 +91,7 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plain-loop",
         action="store_true",
-        help="use pyfuse3's own request loop, without noatimefs's cheaper wait (noatimefs/loop.py)",
+        help="use pyfuse3's own request loop, without noatimefs's reader (noatimefs/loop.py)",
     )
     parser.add_argument(
         "-o",

@@ -100,6 +100,8 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("  by process", _by_process(status.get("kept_by_process"))),
         ("O_NOATIME dropped", status.get("noatime_dropped", "?")),
         ("  by process", _by_process(status.get("dropped_by_process"))),
+        ("reads that waited", status.get("reads_waited", "?")),
+        ("files read ahead", status.get("read_ahead_files", "?")),
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in rows)

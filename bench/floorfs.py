@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import errno
 import json
 import logging
@@ -38,6 +37,8 @@ from collections.abc import Sequence
 import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, InodeT
+
+from noatimefs import loop
 
 log = logging.getLogger("floorfs")
 
@@ -235,15 +236,6 @@ def _raise_nofile() -> int:
         return hard
 
 
-def _fuse_fd() -> int:
-    """The descriptor this process has open on /dev/fuse (pyfuse3 keeps it private)."""
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
-    raise RuntimeError("no /dev/fuse descriptor")
-
-
 def fast_loop(every: int = 64) -> None:
     """Experiment: let pyfuse3's request loop read the next request without parking.
 
@@ -255,7 +247,9 @@ def fast_loop(every: int = 64) -> None:
     second, parked reader could be woken for a request this one already took,
     and with handlers that never block.
     """
-    fd = _fuse_fd()
+    fd = loop.fuse_fd()
+    if fd is None:
+        raise RuntimeError("no /dev/fuse descriptor")
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     parked = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]

@@ -44,7 +44,7 @@ class Config:
     allow_other: bool = False
     timeout: float = 300.0
     debug: bool = False
-    fast_loop: bool = True  # noatimefs.loop: no parking while requests are queued
+    fast_loop: bool = True  # noatimefs.loop's reader; False: pyfuse3's own loop (--plain-loop)
     extra_options: frozenset[str] = field(default_factory=frozenset)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import pwd
 import random
@@ -327,14 +326,7 @@ def rig() -> Iterator[Rig]:
             yield Rig(src=src, mount=m)
             pid_alive = m.proc.poll() is None
         assert pid_alive, "the daemon died during the differential test"
-    _write_figures("differential")
-
-
-def _write_figures(test: str) -> None:
-    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": test, **FIGURES}) + "\n")
+    util.trust_figures("differential", FIGURES)
 
 
 def check_tree(rig: Rig, entries: list[Entry]) -> None:

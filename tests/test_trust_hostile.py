@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -331,7 +330,7 @@ def test_hostile_names_and_shapes_same_as_source(rig: Rig, uid: int, gid: int) -
     result = run_probe(rig, uid, gid)
     bad = differences(result, os.stat(rig.src).st_ino)
     cases = len(result["src"])
-    _figures(f"hostile uid {uid}", {"cases": cases, "differences": len(bad)})
+    util.trust_figures(f"hostile uid {uid}", {"cases": cases, "differences": len(bad)})
     assert rig.mount.proc.poll() is None, "daemon died:\n" + rig.mount.describe()
     assert not bad, f"{len(bad)} of {cases} cases differ:\n" + "\n".join(bad[:40])
     # Not vacuous: the hostile files were read, the deep leaves reached.
@@ -482,13 +481,6 @@ def _openat2_errno(dirfd: int, path: bytes, resolve: int = _RESOLVE_NO_SYMLINKS)
         os.close(fd)
         return 0
     return ctypes.get_errno()
-
-
-def _figures(test: str, row: dict[str, int]) -> None:
-    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": test, **row}) + "\n")
 
 
 def test_the_daemon_survived_and_reports(rig: Rig) -> None:

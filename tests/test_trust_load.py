@@ -32,7 +32,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import random
 import select
@@ -342,13 +341,6 @@ def wait_handles_released(mount: util.Mount) -> dict[str, Any]:
         time.sleep(0.01)  # polling the daemon's own report, with a deadline
 
 
-def _figures(test: str, row: dict[str, Any]) -> None:
-    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": test, **row}) + "\n")
-
-
 # --------------------------------------------------------------------------- load
 
 
@@ -376,7 +368,7 @@ def run_load(store: Store, seconds: float) -> None:
             "fds_after": fds1,
             "daemon_opens": status["opens"],
         }
-        _figures("load", row)
+        util.trust_figures("load", row)
         assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
         assert t["wrong_count"] == 0, t["wrong"]
         assert not t["errors"], t["errors"]
@@ -436,7 +428,9 @@ def test_subtree_deleted_mid_read(store: Store, world_tmp: Path) -> None:
         reopen = Counter(
             errno.errorcode.get(e, str(e)) for r in results for e in r["reopen"].values()
         )
-        _figures("fault: subtree deleted mid-read", {**t, "reopen after delete": dict(reopen)})
+        util.trust_figures(
+            "fault: subtree deleted mid-read", {**t, "reopen after delete": dict(reopen)}
+        )
         assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
         assert t["wrong_count"] == 0, t["wrong"]
         assert not t["errors"], t["errors"]  # open files read on to the end
@@ -496,7 +490,7 @@ def test_sigstop_sigcont_during_load(store: Store, world_tmp: Path) -> None:
                 os.kill(m.pid, signal.SIGCONT)
             results = [f.result() for f in futures]
         t = total(results)
-        _figures(
+        util.trust_figures(
             "fault: SIGSTOP/SIGCONT",
             {
                 **t,
@@ -540,7 +534,7 @@ def test_sigkill_mid_read(store: Store, world_tmp: Path) -> None:
             dead_errno = 0
         except OSError as e:
             dead_errno = e.errno or 0
-        _figures(
+        util.trust_figures(
             "fault: SIGKILL mid-read", {**t, "readers": n, "stat of the dead mount": dead_errno}
         )
         assert m.proc.returncode == -signal.SIGKILL
@@ -605,7 +599,9 @@ def test_descriptors_exhausted_by_a_caller(store: Store, world_tmp: Path) -> Non
             rv.go()
             held = hog.result()
         after = {"open": _try(other.read_bytes), "status": _try(m.status)}
-        _figures("fault: descriptors exhausted", {**held, "during": during, "after": after})
+        util.trust_figures(
+            "fault: descriptors exhausted", {**held, "during": during, "after": after}
+        )
         assert held["refused"], held  # the caller did run the daemon out of descriptors
         assert alive_during, "the daemon died:\n" + m.describe()
         assert set(during.values()) <= {"ok", "EMFILE", "ENFILE", "ENOENT"}, during

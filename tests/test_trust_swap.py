@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import stat
 import threading
@@ -337,11 +336,8 @@ def run_swap(rig: Rig, seconds: float) -> None:
 
 
 def _figures(rig: Rig, row: dict[str, Any]) -> None:
-    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            label = "timeout 0" if "--timeout" in rig.mount.argv else "cached"
-            f.write(json.dumps({"test": f"swap {label}", **row}) + "\n")
+    label = "timeout 0" if "--timeout" in rig.mount.argv else "cached"
+    util.trust_figures(f"swap {label}", row)
 
 
 def test_swapped_under_its_feet_never_leaves_source(rig: Rig) -> None:
@@ -433,15 +429,8 @@ def test_recycled_inode_numbers_never_serve_old_bytes(world_tmp: Path) -> None:
             recycled += os.stat(src / f"b{tries}").st_ino == ino
             wrong += (m.path / f"b{tries}").read_bytes() != new
             os.unlink(src / f"b{tries}")
-        _figures_row({"test": "recycled inode numbers", "tries": tries, "recycled": recycled})
+        util.trust_figures("recycled inode numbers", {"tries": tries, "recycled": recycled})
         assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
     assert wrong == 0, f"{wrong} of {tries} new files read with other bytes ({recycled} recycled)"
     if recycled == 0:
         pytest.skip("this filesystem never reused an inode number: nothing was tested")
-
-
-def _figures_row(row: dict[str, Any]) -> None:
-    path = os.environ.get("NOATIMEFS_TRUST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")

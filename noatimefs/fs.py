@@ -57,6 +57,7 @@ from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.readahead import ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
+from noatimefs.walkahead import WalkAhead
 from noatimefs.watch import (
     GONE,
     IN_ATTRIB,
@@ -138,11 +139,17 @@ class NoatimeFS(pyfuse3.Operations):
         self.dir_cache: DirCache[_Listed] = DirCache(timeout)
         self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.read_ahead = ReadAhead(source)
+        self.walk_ahead = WalkAhead(source.root_fd)
         self._read_ahead_at: dict[tuple[int, int], float] = {}  # directory -> when
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
         self.initialized.set()
+
+    def close(self) -> None:
+        """End the read-ahead workers and the walk-ahead helper (after the request loop)."""
+        self.read_ahead.close()
+        self.walk_ahead.close()
 
     # -- helpers ---------------------------------------------------------
 
@@ -415,6 +422,8 @@ class NoatimeFS(pyfuse3.Operations):
                 os.close(fd)
         if not self._may(policy.R_OK, dir_st, ctx):
             raise pyfuse3.FUSEError(errno.EACCES)
+        if node.parent is self.inodes.root and listing is None:
+            self.walk_ahead.want(node.name)  # a walk of the store may follow
         fh = next(self._dir_ids)
         node.opens += 1
         self.dirs[fh] = _DirHandle(node, entries)
@@ -565,6 +574,9 @@ class NoatimeFS(pyfuse3.Operations):
             "listing_cache_misses": self.dir_cache.misses,
             "read_ahead_files": self.read_ahead.files,
             "read_ahead_dropped": self.read_ahead.dropped,
+            "walk_ahead_named": self.walk_ahead.named,
+            "walk_ahead_dropped": self.walk_ahead.dropped,
+            "walk_ahead_pid": self.walk_ahead.pid,
             **self.stats.as_dict(),
         }
 

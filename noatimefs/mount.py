@@ -205,7 +205,7 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
             return Exit.INTERNAL
         finally:
             pyfuse3.close(unmount=clean)
-            ops.read_ahead.close()
+            ops.close()
         stats = ops.stats
         log.info(
             "unmounted %s; %d opens, O_NOATIME kept %d, dropped %d",

@@ -102,6 +102,7 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("  by process", _by_process(status.get("dropped_by_process"))),
         ("reads that waited", status.get("reads_waited", "?")),
         ("files read ahead", status.get("read_ahead_files", "?")),
+        ("walks ahead started", status.get("walk_ahead_named", "?")),
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in rows)

@@ -64,7 +64,9 @@ def tree(tmp_path: Path) -> Path:
 def ops(tree: Path) -> Iterator[NoatimeFS]:
     source = Source(str(tree))
     consumer = policy.Consumer(65534, frozenset({65534}))
-    yield NoatimeFS(source, consumer, timeout=5.0, daemon_uid=0)
+    fs = NoatimeFS(source, consumer, timeout=5.0, daemon_uid=0)
+    yield fs
+    fs.close()
     source.close()
 
 

@@ -1,17 +1,24 @@
-"""A cold read of one file reads its directory's other small files ahead (noatimefs.readahead).
+"""What the daemon reads ahead of a caller, through a real mount.
 
-SOURCE lives on the machine's disk (``/tmp``), its pages evicted with
-``POSIX_FADV_DONTNEED``; ``fincore`` (util-linux) tells which are resident.
+A cold read of one file reads its directory's other small files ahead
+(noatimefs.readahead): SOURCE lives on the machine's disk (``/tmp``), its pages
+evicted with ``POSIX_FADV_DONTNEED``; ``fincore`` (util-linux) tells which are
+resident. Listing a store path walks it and the store paths after it ahead
+(noatimefs.walkahead): inotify tells which of SOURCE's directories were opened.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import util
 
@@ -95,3 +102,60 @@ def test_siblings_keeps_to_the_budget_of_a_directory() -> None:
     size = readahead.MAX_FILE
     full = [(b"%d" % i, reg, size) for i in range(readahead.MAX_PER_DIR // size + 3)]
     assert len(readahead.siblings(full, b"d", b"")) == readahead.MAX_PER_DIR // size
+
+
+IN_OPEN = 0x20
+
+
+def _watch_opens(dirs: list[Path]) -> tuple[int, dict[int, Path]]:
+    """An inotify descriptor reporting opens of *dirs*, and its watch descriptors."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    wds = {}
+    for d in dirs:
+        wd = libc.inotify_add_watch(fd, os.fsencode(d), IN_OPEN)
+        assert wd >= 0, os.strerror(ctypes.get_errno())
+        wds[wd] = d
+    return fd, wds
+
+
+def _opened(fd: int, wds: dict[int, Path], want: set[Path], seconds: float) -> set[Path]:
+    """The watched directories opened until all of *want* were (or *seconds* passed)."""
+    seen: set[Path] = set()
+    deadline = time.monotonic() + seconds
+    while not want <= seen and (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 65536)
+            while data:  # struct inotify_event: wd, mask, cookie, len, name[len]
+                wd, mask, _, size = struct.unpack_from("iIII", data)
+                if mask & IN_OPEN and wd in wds:
+                    seen.add(wds[wd])
+                data = data[16 + size :]
+    return seen
+
+
+def test_listing_a_store_path_walks_it_and_the_next_ones_ahead() -> None:
+    with util.world_tmpdir("noatimefs-walkahead-") as work:
+        src = work / "src"
+        for i in range(4):
+            (src / f"{i:04d}-pkg-1.0" / "lib" / "deep").mkdir(parents=True)
+            (src / f"{i:04d}-pkg-1.0" / "lib" / "deep" / "f").write_bytes(b"x")
+        order = [src / name for name in os.listdir(src)]  # SOURCE's listing order
+        first, after = order[1], order[2:]  # order[0], listed before first, is not walked
+        deep = [p / "lib" / "deep" for p in order]
+        with util.mounted(work / "src") as m:
+            fd, wds = _watch_opens(deep)
+            try:
+                assert os.listdir(m.path / first.name) == ["lib"]  # no caller went deeper
+                want = {first / "lib" / "deep"} | {p / "lib" / "deep" for p in after}
+                seen = _opened(fd, wds, want, seconds=20)
+                assert seen == want  # not the store path listed before the named one
+            finally:
+                os.close(fd)
+            assert m.status()["walk_ahead_named"] == 1
+            assert os.listdir(m.path / first.name) == ["lib"]  # a cached listing: no new walk
+            assert m.status()["walk_ahead_named"] == 1
+            helpers = psutil.Process(m.pid).children()
+            assert ["noatimefs.walkahead" in h.cmdline() for h in helpers] == [True]
+        assert not any(h.is_running() for h in helpers)  # ended with the daemon

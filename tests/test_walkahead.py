@@ -1,0 +1,136 @@
+"""The walk-ahead helper (noatimefs.walkahead), without a mount: what it walks, in what order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from noatimefs import walkahead
+from noatimefs.walkahead import WalkAhead, Walker
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """Five store paths of 6 entries (lib/, lib/a, lib/b, bin/, bin/x, a link); SOURCE's fd."""
+    src = tmp_path / "store"
+    for i in range(5):
+        p = src / f"p{i}"
+        (p / "lib").mkdir(parents=True)
+        (p / "bin").mkdir()
+        (p / "lib" / "a").write_bytes(b"a")
+        (p / "lib" / "b").write_bytes(b"b")
+        (p / "bin" / "x").write_bytes(b"x")
+        (p / "link").symlink_to("lib")
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    yield src, fd
+    os.close(fd)
+
+
+def test_plan_is_the_named_path_then_those_after_it_in_listing_order(
+    store: tuple[Path, int],
+) -> None:
+    src, fd = store
+    order = [os.fsencode(n) for n in os.listdir(src)]
+    walker = Walker(fd)
+    assert list(walker.plan(order[2])) == order[2:]
+    assert list(walker.plan(b"new-since")) == [b"new-since"]
+
+
+def test_walk_lists_a_store_path_whole_once(store: tuple[Path, int]) -> None:
+    _, fd = store
+    walker = Walker(fd)
+    assert walker.walk(b"p0", 100) == 6
+    assert walker.listed == 6
+    assert walker.walk(b"p0", 100) == 6  # counted, not walked again
+    assert walker.listed == 6
+
+
+def test_walk_stops_at_its_budget_and_walks_a_cut_tree_again(store: tuple[Path, int]) -> None:
+    _, fd = store
+    walker = Walker(fd)
+    assert walker.walk(b"p0", 4) == 4
+    assert walker.listed == 4
+    assert walker.walk(b"p0", 100) == 6  # not remembered as walked: walked whole now
+    assert walker.listed == 10
+
+
+def test_walk_never_follows_a_symlink_out_of_source(store: tuple[Path, int]) -> None:
+    src, fd = store
+    outside = src.parent / "outside"
+    (outside / "deep").mkdir(parents=True)
+    for i in range(50):
+        (outside / "deep" / f"f{i}").write_bytes(b"")
+    (src / "p0" / "lib" / "escape").symlink_to(outside)
+    (src / "top-link").symlink_to(outside)
+    walker = Walker(fd)
+    assert walker.walk(b"p0", 1000) == 7  # the link itself is listed, not what it names
+    assert walker.walk(b"top-link", 1000) == 1
+    assert walker.walk(b"../outside", 1000) == 1  # not a name readdir gives, and refused
+    assert walker.listed == 7
+
+
+def test_serve_walks_from_the_newest_name_until_the_pipe_closes(
+    store: tuple[Path, int],
+) -> None:
+    src, fd = store
+    order = [os.fsencode(n) for n in os.listdir(src)]
+    walker = Walker(fd)
+    r, w = os.pipe()
+    os.write(w, order[0] + b"\0" + order[3] + b"\0")
+    os.close(w)
+    walkahead.serve(walker, r)  # returns: the pipe ended
+    os.close(r)
+    # order[3] was the newest name; the end of the pipe was seen after its first path.
+    assert set(walker._walked) == {order[3]}
+    assert walker.listed == 6
+
+
+def test_names_keeps_a_partial_name_for_the_next_read() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.write(w, b"ab\0cd")
+    assert walkahead._names(r, b"") == ([b"ab"], b"cd", False)
+    os.write(w, b"e\0")
+    assert walkahead._names(r, b"cd") == ([b"cde"], b"", False)
+    assert walkahead._names(r, b"") == ([], b"", False)  # nothing to read: not the end
+    os.close(w)
+    assert walkahead._names(r, b"") == ([], b"", True)
+    os.close(r)
+
+
+def _alive(pid: int) -> bool:
+    r = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
+    return r.returncode == 0 and not r.stdout.strip().startswith("Z")
+
+
+def test_the_helper_starts_on_first_use_and_ends_with_its_pipe(store: tuple[Path, int]) -> None:
+    _, fd = store
+    ahead = WalkAhead(fd)
+    assert ahead._helper is None  # nothing started before a walk is asked for
+    ahead.want(b"p0")
+    helper = ahead._helper
+    assert helper is not None
+    assert _alive(helper.pid)
+    assert ahead.named == 1
+    ahead.close()
+    assert helper.returncode == 0  # ended by the closed pipe, not killed
+
+
+def test_the_helper_ends_when_the_daemon_dies(store: tuple[Path, int]) -> None:
+    _, fd = store
+    ahead = WalkAhead(fd)
+    ahead.want(b"p0")
+    helper = ahead._helper
+    assert helper is not None
+    assert helper.stdin is not None
+    helper.stdin.close()  # what the kernel does to the pipe of a daemon that died
+    deadline = time.monotonic() + 20
+    while helper.poll() is None:
+        assert time.monotonic() < deadline, "the helper outlived its daemon"
+        time.sleep(0.01)
+    assert helper.returncode == 0

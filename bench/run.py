@@ -111,8 +111,14 @@ class Mount:
     def cpu(self) -> float:
         if self.proc is None:
             return 0.0
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return float(t.user + t.system)
+        # The daemon and its helpers (noatimefs's walk-ahead process lives as long as it).
+        daemon = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in [daemon, *daemon.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
 
     def log_tail(self, n: int = 40) -> str:
         if self.log is None or not self.log.exists():

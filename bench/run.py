@@ -449,7 +449,7 @@ def environment(
             f"- runs: {args.reps} repetitions, modes interleaved {' '.join(modes)}; "
             f"workloads as user {args.owner}; open20k = {args.opens} open/close calls "
             "(timed inside the caller, start-up excluded)",
-            "- daemon CPU s: user+system of the daemon process per run (median); "
+            "- daemon CPU s: user+system of the daemon process and its helpers per run (median); "
             "native has no daemon",
             f"- load average (1 min) at start and end: {load} (other work on the machine "
             "shows up as noise in every mode alike, the modes being interleaved)",

@@ -88,6 +88,7 @@ class WalkAhead:
             self._helper = subprocess.Popen(
                 [sys.executable, "-m", "noatimefs.walkahead", str(self.root_fd)],
                 stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
                 pass_fds=(self.root_fd,),
                 close_fds=True,
             )

@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -14,9 +15,15 @@ from noatimefs import walkahead
 from noatimefs.walkahead import WalkAhead, Walker
 
 
+class Store(NamedTuple):
+    src: Path
+    fd: int  # SOURCE's root, open
+    order: list[bytes]  # SOURCE's top-level names, in listing order
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """Five store paths of 6 entries (lib/, lib/a, lib/b, bin/, bin/x, a link); SOURCE's fd."""
+def store(tmp_path: Path) -> Iterator[Store]:
+    """Five store paths of 6 entries each: lib/, lib/a, lib/b, bin/, bin/x, a link."""
     src = tmp_path / "store"
     for i in range(5):
         p = src / f"p{i}"
@@ -27,47 +34,44 @@ def store(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         (p / "bin" / "x").write_bytes(b"x")
         (p / "link").symlink_to("lib")
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    yield src, fd
+    yield Store(src, fd, [os.fsencode(n) for n in os.listdir(src)])
     os.close(fd)
 
 
 def test_plan_is_the_named_path_then_those_after_it_in_listing_order(
-    store: tuple[Path, int],
+    store: Store,
 ) -> None:
-    src, fd = store
-    order = [os.fsencode(n) for n in os.listdir(src)]
-    walker = Walker(fd)
+    order = store.order
+    walker = Walker(store.fd)
     assert list(walker.plan(order[2])) == order[2:]
     assert list(walker.plan(b"new-since")) == [b"new-since"]
 
 
-def test_walk_lists_a_store_path_whole_once(store: tuple[Path, int]) -> None:
-    _, fd = store
-    walker = Walker(fd)
+def test_walk_lists_a_store_path_whole_once(store: Store) -> None:
+    walker = Walker(store.fd)
     assert walker.walk(b"p0", 100) == 6
     assert walker.listed == 6
     assert walker.walk(b"p0", 100) == 6  # counted, not walked again
     assert walker.listed == 6
 
 
-def test_walk_stops_at_its_budget_and_walks_a_cut_tree_again(store: tuple[Path, int]) -> None:
-    _, fd = store
-    walker = Walker(fd)
+def test_walk_stops_at_its_budget_and_walks_a_cut_tree_again(store: Store) -> None:
+    walker = Walker(store.fd)
     assert walker.walk(b"p0", 4) == 4
     assert walker.listed == 4
     assert walker.walk(b"p0", 100) == 6  # not remembered as walked: walked whole now
     assert walker.listed == 10
 
 
-def test_walk_never_follows_a_symlink_out_of_source(store: tuple[Path, int]) -> None:
-    src, fd = store
+def test_walk_never_follows_a_symlink_out_of_source(store: Store) -> None:
+    src = store.src
     outside = src.parent / "outside"
     (outside / "deep").mkdir(parents=True)
     for i in range(50):
         (outside / "deep" / f"f{i}").write_bytes(b"")
     (src / "p0" / "lib" / "escape").symlink_to(outside)
     (src / "top-link").symlink_to(outside)
-    walker = Walker(fd)
+    walker = Walker(store.fd)
     assert walker.walk(b"p0", 1000) == 7  # the link itself is listed, not what it names
     assert walker.walk(b"top-link", 1000) == 1
     assert walker.walk(b"../outside", 1000) == 1  # not a name readdir gives, and refused
@@ -75,11 +79,10 @@ def test_walk_never_follows_a_symlink_out_of_source(store: tuple[Path, int]) -> 
 
 
 def test_serve_walks_from_the_newest_name_until_the_pipe_closes(
-    store: tuple[Path, int],
+    store: Store,
 ) -> None:
-    src, fd = store
-    order = [os.fsencode(n) for n in os.listdir(src)]
-    walker = Walker(fd)
+    order = store.order
+    walker = Walker(store.fd)
     r, w = os.pipe()
     os.write(w, order[0] + b"\0" + order[3] + b"\0")
     os.close(w)
@@ -108,9 +111,8 @@ def _alive(pid: int) -> bool:
     return r.returncode == 0 and not r.stdout.strip().startswith("Z")
 
 
-def test_the_helper_starts_on_first_use_and_ends_with_its_pipe(store: tuple[Path, int]) -> None:
-    _, fd = store
-    ahead = WalkAhead(fd)
+def test_the_helper_starts_on_first_use_and_ends_with_its_pipe(store: Store) -> None:
+    ahead = WalkAhead(store.fd)
     assert ahead._helper is None  # nothing started before a walk is asked for
     ahead.want(b"p0")
     helper = ahead._helper
@@ -121,9 +123,8 @@ def test_the_helper_starts_on_first_use_and_ends_with_its_pipe(store: tuple[Path
     assert helper.returncode == 0  # ended by the closed pipe, not killed
 
 
-def test_the_helper_ends_when_the_daemon_dies(store: tuple[Path, int]) -> None:
-    _, fd = store
-    ahead = WalkAhead(fd)
+def test_the_helper_ends_when_the_daemon_dies(store: Store) -> None:
+    ahead = WalkAhead(store.fd)
     ahead.want(b"p0")
     helper = ahead._helper
     assert helper is not None

@@ -61,6 +61,7 @@ class WalkAhead:
         self.root_fd = root_fd
         self._helper: subprocess.Popen[bytes] | None = None
         self._pipe = -1
+        self._failed = False  # the helper could not be started, or died: do without it
         self.named = 0  # store paths named to the helper
         self.dropped = 0  # names dropped, the pipe being full or the helper gone
 
@@ -76,14 +77,25 @@ class WalkAhead:
             return
         try:
             os.write(self._pipe, name + b"\0")
-        except (BlockingIOError, BrokenPipeError):
+        except BlockingIOError:
+            self.dropped += 1  # the helper is behind: this walk was only a hint
+            return
+        except BrokenPipeError:
+            assert self._helper is not None
+            log.warning(
+                "the walk-ahead helper (pid %d) ended with %s: walks are not helped",
+                self._helper.pid,
+                self._helper.wait(),
+            )
+            self.close()
+            self._failed = True
             self.dropped += 1
             return
         self.named += 1
 
     def _start(self) -> bool:
-        if self._pipe == -2:
-            return False  # it could not be started before: do not try on every request
+        if self._failed:
+            return False  # not tried again on every request
         try:
             self._helper = subprocess.Popen(
                 [sys.executable, "-m", "noatimefs.walkahead", str(self.root_fd)],
@@ -94,7 +106,7 @@ class WalkAhead:
             )
         except OSError as exc:
             log.warning("cannot start the walk-ahead helper (%s): walks are not helped", exc)
-            self._pipe = -2
+            self._failed = True
             return False
         assert self._helper.stdin is not None
         self._pipe = self._helper.stdin.fileno()

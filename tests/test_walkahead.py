@@ -135,3 +135,15 @@ def test_the_helper_ends_when_the_daemon_dies(store: Store) -> None:
         assert time.monotonic() < deadline, "the helper outlived its daemon"
         time.sleep(0.01)
     assert helper.returncode == 0
+
+
+def test_a_dead_helper_is_done_without_not_restarted(store: Store) -> None:
+    ahead = WalkAhead(store.fd)
+    ahead.want(store.order[0])
+    helper = ahead._helper
+    assert helper is not None
+    helper.kill()
+    helper.wait()
+    ahead.want(store.order[1])  # the broken pipe is noticed: no exception reaches the daemon
+    ahead.want(store.order[2])
+    assert (ahead.named, ahead.dropped, ahead.pid) == (1, 2, None)

@@ -246,9 +246,13 @@ class NoatimeFS(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
+        # A store path SOURCE no longer holds in memory: what follows it will be cold too.
+        cold = parent is self.inodes.root and not self.source.in_memory(name)
         with _errors():
             st = self._lstat_child(parent, name)
         node = self.inodes.remember(parent, name, st)
+        if cold and stat.S_ISDIR(st.st_mode):
+            self.walk_ahead.want(name, onward=False)
         return self._entry(node, st)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:

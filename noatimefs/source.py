@@ -20,6 +20,7 @@ _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
+RESOLVE_CACHED = 0x20  # Linux 5.12
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 _EAGAIN_RETRIES = 3
@@ -70,6 +71,7 @@ class Source:
     def __init__(self, path: str) -> None:
         self.path = path
         self.root_fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._can_ask_cached = True
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -105,6 +107,24 @@ class Source:
         finally:
             if dirfd != self.root_fd:
                 os.close(dirfd)
+
+    def in_memory(self, relpath: bytes) -> bool:
+        """Whether *relpath* resolves from the kernel's caches alone, without reading the disk.
+
+        (``RESOLVE_CACHED``; a kernel older than 5.12 cannot tell, and True is answered.)
+        """
+        if not self._can_ask_cached:
+            return True
+        try:
+            fd = openat2(self.root_fd, relpath, O_PATH | os.O_NOFOLLOW, _RESOLVE | RESOLVE_CACHED)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                self._can_ask_cached = False
+            return True
+        os.close(fd)
+        return True
 
     @staticmethod
     def _open_at(dirfd: int, relpath: bytes, flags: int) -> int:

@@ -14,6 +14,13 @@ up to :data:`AHEAD` entries past the named path. By the time the walker asks
 for them, the daemon finds the blocks and inodes in memory. A new name starts
 the helper over from there, so it follows a walker that skips ahead.
 
+A caller that opens files by path (a VM booting, ``open`` after ``open``) lists
+nothing; it looks names up. When the daemon is asked to look up a store path
+that SOURCE no longer holds in memory (``RESOLVE_CACHED`` says its lookup would
+read the disk), it names that store path alone (``/NAME`` on the pipe): what
+the caller opens next in it is cold too. Measured on the benchmark's tree, a
+fresh daemon and cold caches: 20,000 opens 3.8 s → 3.1 s.
+
 Why a process and not a thread: listing is a syscall per entry with a little
 Python between, and a thread doing that beside the request loop passes the
 GIL back and forth at every syscall; measured on the benchmark's tree, a
@@ -70,13 +77,14 @@ class WalkAhead:
         """The helper's pid, while it runs (its pipe is one of the daemon's descriptors)."""
         return self._helper.pid if self._helper is not None else None
 
-    def want(self, name: bytes) -> None:
-        """Walk the store path *name* (an entry of SOURCE's top level) and those after it."""
+    def want(self, name: bytes, onward: bool = True) -> None:
+        """Walk the store path *name* (an entry of SOURCE's top level), and, *onward*,
+        the store paths after it in SOURCE's listing order."""
         if self._helper is None and not self._start():
             self.dropped += 1
             return
         try:
-            os.write(self._pipe, name + b"\0")
+            os.write(self._pipe, (b"" if onward else b"/") + name + b"\0")
         except BlockingIOError:
             self.dropped += 1  # the helper is behind: this walk was only a hint
             return
@@ -167,7 +175,10 @@ class Walker:
         return self._top
 
     def plan(self, name: bytes) -> Iterator[bytes]:
-        """*name*, then the top-level names listed after it."""
+        """*name*, then the top-level names listed after it; ``/NAME``: NAME alone."""
+        if name[:1] == b"/":
+            yield name[1:]
+            return
         top = self.top_level()
         start = self._top_index.get(name)
         if start is None:

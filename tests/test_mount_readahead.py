@@ -159,3 +159,24 @@ def test_listing_a_store_path_walks_it_and_the_next_ones_ahead() -> None:
             helpers = psutil.Process(m.pid).children()
             assert ["noatimefs.walkahead" in h.cmdline() for h in helpers] == [True]
         assert not any(h.is_running() for h in helpers)  # ended with the daemon
+
+
+def test_a_cold_lookup_of_a_store_path_walks_that_path_ahead() -> None:
+    with util.world_tmpdir("noatimefs-walkahead-") as work:
+        src = work / "src"
+        for i in range(3):
+            (src / f"{i:04d}-pkg-1.0" / "lib").mkdir(parents=True)
+            (src / f"{i:04d}-pkg-1.0" / "lib" / "f").write_bytes(b"x")
+            (src / f"{i:04d}-pkg-1.0" / "bin").mkdir()
+        pkg = src / "0001-pkg-1.0"
+        with util.mounted(work / "src") as m:
+            fd, wds = _watch_opens([pkg / "bin"])  # no caller opens it: only a walk does
+            try:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("2\n")  # SOURCE's dentries and inodes: a cold store
+                assert (m.path / pkg.name / "lib" / "f").read_bytes() == b"x"
+                assert _opened(fd, wds, {pkg / "bin"}, seconds=20) == {pkg / "bin"}
+            finally:
+                os.close(fd)
+            assert m.status()["walk_ahead_named"] == 1

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import pytest
 
 from noatimefs import walkahead
+from noatimefs.source import Source
 from noatimefs.walkahead import WalkAhead, Walker
 
 
@@ -45,6 +46,7 @@ def test_plan_is_the_named_path_then_those_after_it_in_listing_order(
     walker = Walker(store.fd)
     assert list(walker.plan(order[2])) == order[2:]
     assert list(walker.plan(b"new-since")) == [b"new-since"]
+    assert list(walker.plan(b"/" + order[2])) == [order[2]]  # want(name, onward=False)
 
 
 def test_walk_lists_a_store_path_whole_once(store: Store) -> None:
@@ -147,3 +149,15 @@ def test_a_dead_helper_is_done_without_not_restarted(store: Store) -> None:
     ahead.want(store.order[1])  # the broken pipe is noticed: no exception reaches the daemon
     ahead.want(store.order[2])
     assert (ahead.named, ahead.dropped, ahead.pid) == (1, 2, None)
+
+
+def test_source_tells_a_name_it_must_look_up_on_disk(tmp_path: Path) -> None:
+    (tmp_path / "seen").mkdir()
+    source = Source(str(tmp_path))
+    try:
+        assert source.in_memory(b"seen")
+        assert not source.in_memory(b"never-looked-up")  # no dentry: the lookup reads the disk
+        assert not (tmp_path / "never-looked-up").exists()  # leaves a negative dentry
+        assert source.in_memory(b"never-looked-up")
+    finally:
+        source.close()

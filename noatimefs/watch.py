@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 IN_MODIFY = 0x002
+IN_OPEN = 0x020
 IN_ATTRIB = 0x004
 IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
@@ -41,6 +42,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 @dataclass(frozen=True)
 class Event:
+    wd: int  # the watch it came from
     mask: int
     name: bytes
 
@@ -49,27 +51,30 @@ def parse(data: bytes) -> Iterator[Event]:
     """The events in a buffer read from an inotify descriptor."""
     offset = 0
     while offset + _HEADER.size <= len(data):
-        _wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
+        wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
         offset += _HEADER.size
         name = data[offset : offset + length].rstrip(b"\0")
         offset += length
-        yield Event(mask, name)
+        yield Event(wd, mask, name)
 
 
-class TopLevelWatch:
-    """A non-blocking inotify descriptor watching one directory."""
+class Inotify:
+    """A non-blocking inotify descriptor."""
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(self) -> None:
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), "inotify_init1")
         self.fd: int = fd
-        path = f"/proc/self/fd/{dir_fd}".encode()
-        if _libc.inotify_add_watch(fd, path, MASK) < 0:
+
+    def add(self, path: bytes, mask: int) -> int:
+        """Watch *path* for the events in *mask*; the watch descriptor."""
+        wd = int(_libc.inotify_add_watch(self.fd, path, mask))
+        if wd < 0:
             err = ctypes.get_errno()
-            os.close(fd)
             raise OSError(err, os.strerror(err), "inotify_add_watch")
+        return wd
 
     def read(self) -> list[Event]:
         """Every event queued now (none if there is nothing to read)."""
@@ -81,3 +86,15 @@ class TopLevelWatch:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class TopLevelWatch(Inotify):
+    """An inotify descriptor watching one directory for entries that come and go."""
+
+    def __init__(self, dir_fd: int) -> None:
+        super().__init__()
+        try:
+            self.add(f"/proc/self/fd/{dir_fd}".encode(), MASK)
+        except OSError:
+            self.close()
+            raise

@@ -9,11 +9,9 @@ resident. Listing a store path walks it and the store paths after it ahead
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import stat
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ import psutil
 import pytest
 import util
 
-from noatimefs import readahead
+from noatimefs import readahead, watch
 
 pytestmark = pytest.mark.mount
 
@@ -104,34 +102,21 @@ def test_siblings_keeps_to_the_budget_of_a_directory() -> None:
     assert len(readahead.siblings(full, b"d", b"")) == readahead.MAX_PER_DIR // size
 
 
-IN_OPEN = 0x20
-
-
-def _watch_opens(dirs: list[Path]) -> tuple[int, dict[int, Path]]:
+def _watch_opens(dirs: list[Path]) -> tuple[watch.Inotify, dict[int, Path]]:
     """An inotify descriptor reporting opens of *dirs*, and its watch descriptors."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert fd >= 0, os.strerror(ctypes.get_errno())
-    wds = {}
-    for d in dirs:
-        wd = libc.inotify_add_watch(fd, os.fsencode(d), IN_OPEN)
-        assert wd >= 0, os.strerror(ctypes.get_errno())
-        wds[wd] = d
-    return fd, wds
+    inotify = watch.Inotify()
+    return inotify, {inotify.add(os.fsencode(d), watch.IN_OPEN): d for d in dirs}
 
 
-def _opened(fd: int, wds: dict[int, Path], want: set[Path], seconds: float) -> set[Path]:
+def _opened(
+    inotify: watch.Inotify, wds: dict[int, Path], want: set[Path], seconds: float
+) -> set[Path]:
     """The watched directories opened until all of *want* were (or *seconds* passed)."""
     seen: set[Path] = set()
     deadline = time.monotonic() + seconds
     while not want <= seen and (left := deadline - time.monotonic()) > 0:
-        if select.select([fd], [], [], left)[0]:
-            data = os.read(fd, 65536)
-            while data:  # struct inotify_event: wd, mask, cookie, len, name[len]
-                wd, mask, _, size = struct.unpack_from("iIII", data)
-                if mask & IN_OPEN and wd in wds:
-                    seen.add(wds[wd])
-                data = data[16 + size :]
+        if select.select([inotify.fd], [], [], left)[0]:
+            seen |= {wds[e.wd] for e in inotify.read() if e.mask & watch.IN_OPEN and e.wd in wds}
     return seen
 
 
@@ -145,14 +130,14 @@ def test_listing_a_store_path_walks_it_and_the_next_ones_ahead() -> None:
         first, after = order[1], order[2:]  # order[0], listed before first, is not walked
         deep = [p / "lib" / "deep" for p in order]
         with util.mounted(work / "src") as m:
-            fd, wds = _watch_opens(deep)
+            inotify, wds = _watch_opens(deep)
             try:
                 assert os.listdir(m.path / first.name) == ["lib"]  # no caller went deeper
                 want = {first / "lib" / "deep"} | {p / "lib" / "deep" for p in after}
-                seen = _opened(fd, wds, want, seconds=20)
+                seen = _opened(inotify, wds, want, seconds=20)
                 assert seen == want  # not the store path listed before the named one
             finally:
-                os.close(fd)
+                inotify.close()
             assert m.status()["walk_ahead_named"] == 1
             assert os.listdir(m.path / first.name) == ["lib"]  # a cached listing: no new walk
             assert m.status()["walk_ahead_named"] == 1
@@ -170,13 +155,13 @@ def test_a_cold_lookup_of_a_store_path_walks_that_path_ahead() -> None:
             (src / f"{i:04d}-pkg-1.0" / "bin").mkdir()
         pkg = src / "0001-pkg-1.0"
         with util.mounted(work / "src") as m:
-            fd, wds = _watch_opens([pkg / "bin"])  # no caller opens it: only a walk does
+            inotify, wds = _watch_opens([pkg / "bin"])  # no caller opens it: only a walk does
             try:
                 os.sync()
                 with open("/proc/sys/vm/drop_caches", "w") as f:
                     f.write("2\n")  # SOURCE's dentries and inodes: a cold store
                 assert (m.path / pkg.name / "lib" / "f").read_bytes() == b"x"
-                assert _opened(fd, wds, {pkg / "bin"}, seconds=20) == {pkg / "bin"}
+                assert _opened(inotify, wds, {pkg / "bin"}, seconds=20) == {pkg / "bin"}
             finally:
-                os.close(fd)
+                inotify.close()
             assert m.status()["walk_ahead_named"] == 1

@@ -5,6 +5,8 @@ Run as root (it mounts, and drops the page cache for the cold runs)::
 
     .venv/bin/python bench/run.py --small     # minutes; what `make bench` runs
     .venv/bin/python bench/run.py             # the full run (`make bench-full`)
+    git worktree add /tmp/base HEAD~1          # an A/B of a change, in one interleaved run:
+    .venv/bin/python bench/run.py --base /tmp/base --modes native,noatimefs,noatimefs-base
 
 It generates (and caches) a store-like tree with ``noatimefs.storegen``,
 mounts every mode at once, then runs each workload cold (after ``sync; echo 3
@@ -51,7 +53,7 @@ from noatimefs import storegen  # noqa: E402
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
 # Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
 # one task and a request loop that does not park between queued requests.
-EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain")
+EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base")
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
 MOUNT_TIMEOUT = 120.0
@@ -132,7 +134,7 @@ class MountError(RuntimeError):
 
 def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
     uid = str(pwd.getpwnam(owner).pw_uid)
-    if mode == "noatimefs":
+    if mode in ("noatimefs", "noatimefs-base"):  # the latter started in --base (daemon_cwd)
         return [sys.executable, "-m", "noatimefs", "--owner", owner, "--allow-other", source, mnt]
     if mode == "noatimefs-plain":  # pyfuse3's own request loop (noatimefs/loop.py off)
         plain = ["--plain-loop", "--owner", owner, "--allow-other"]
@@ -167,7 +169,22 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
     raise ValueError(mode)
 
 
-def start_mount(mode: str, source: str, workdir: Path, owner: str) -> Mount:
+def daemon_cwd(mode: str, base: Path | None) -> Path:
+    """Where a mode's daemon starts: ``python -m`` imports the package of that directory first."""
+    if mode != "noatimefs-base":
+        return REPO
+    if base is None:
+        raise MountError("noatimefs-base needs --base DIR (another checkout of noatimefs)")
+    probe = [sys.executable, "-c", "import noatimefs; print(noatimefs.__file__)"]
+    found = subprocess.run(probe, capture_output=True, text=True, cwd=base).stdout.strip()
+    if not found.startswith(str(base.resolve()) + os.sep):
+        raise MountError(f"--base {base}: python -m there imports noatimefs from {found or '?'}")
+    return base
+
+
+def start_mount(
+    mode: str, source: str, workdir: Path, owner: str, base: Path | None = None
+) -> Mount:
     if mode == "native":
         return Mount(mode, source)
     mnt = workdir / f"mnt-{mode}"
@@ -179,7 +196,7 @@ def start_mount(mode: str, source: str, workdir: Path, owner: str) -> Mount:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=daemon_cwd(mode, base),
         )
     m = Mount(mode, str(mnt), proc, log)
     deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -426,22 +443,27 @@ def targets(runs: list[Run], modes: Sequence[str]) -> str:
 def environment(
     summary: storegen.Summary, args: argparse.Namespace, modes: Sequence[str], load: str
 ) -> str:
-    def out(cmd: list[str]) -> str:
+    def out(cmd: list[str], cwd: Path = REPO) -> str:
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
             return (r.stdout or r.stderr).strip().splitlines()[0]
         except (OSError, IndexError):
             return "?"
 
     import pyfuse3
 
+    describe = ["git", "describe", "--always", "--dirty"]
+    base = []
+    if "noatimefs-base" in modes:
+        base = [f"- noatimefs-base: git {out(describe, args.base)} ({args.base})"]
     return "\n".join(
         [
             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
             f"- host: {platform.node()}, kernel {platform.release()}, {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total >> 30} GiB",
-            f"- noatimefs: git {out(['git', 'describe', '--always', '--dirty'])}; "
+            f"- noatimefs: git {out(describe)}; "
             f"pyfuse3 {pyfuse3.__version__}; {out(['bindfs', '--version'])}",
+            *base,
             f"- tree: {summary.paths} store paths, {summary.entries} entries "
             f"({summary.files} files, {summary.dirs} dirs, {summary.symlinks} symlinks), "
             f"{summary.bytes >> 20} MiB; big files {len(summary.big_files)} × "
@@ -470,13 +492,13 @@ def progress(i: int, total: int, t0: float, text: str) -> None:
 
 @contextlib.contextmanager
 def mounts(
-    modes: Sequence[str], source: str, workdir: Path, owner: str
+    modes: Sequence[str], source: str, workdir: Path, owner: str, base: Path | None = None
 ) -> Iterator[dict[str, Mount]]:
     active: dict[str, Mount] = {}
     try:
         for mode in modes:
             try:
-                active[mode] = start_mount(mode, source, workdir, owner)
+                active[mode] = start_mount(mode, source, workdir, owner, base)
                 print(f"mounted {mode}: {active[mode].root}", file=sys.stderr)
             except (MountError, OSError) as e:
                 if mode in OPTIONAL_MODES:
@@ -530,6 +552,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="/var/tmp/noatimefs-bench", help="where trees are kept")
     p.add_argument("--out", default=str(HERE / "results"), help="directory for the .md report")
     p.add_argument("--json", help="also write the raw runs here")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout of noatimefs, run as mode noatimefs-base (an A/B in one run)",
+    )
     args = p.parse_args(argv)
     scale = SMALL if args.small else FULL
     args.paths = args.paths or scale.paths
@@ -583,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     try:
-        with mounts(modes, summary.dest, workdir, args.owner) as active:
+        with mounts(modes, summary.dest, workdir, args.owner, args.base) as active:
             failed_mounts = [m for m in modes if m not in active]
             live = [m for m in modes if m in active]
             total = args.reps * len(workloads) * len(live) * len(caches)

@@ -152,3 +152,23 @@ def test_bench_small_outputs_match_native(scratch: Path) -> None:
     with open("/proc/self/mountinfo") as f:
         assert str(scratch) not in f.read()
     assert not list((scratch / "cache").glob("mnt.*"))
+
+
+def test_bench_base_mode_runs_the_other_checkouts_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--base DIR``: the A/B arm must import DIR's noatimefs, not the installed one."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", run)  # its dataclasses look it up there
+    spec.loader.exec_module(run)
+    assert run.daemon_cwd("noatimefs", None) == run.REPO
+    with pytest.raises(run.MountError, match="needs --base"):
+        run.daemon_cwd("noatimefs-base", None)
+    with pytest.raises(run.MountError, match="imports noatimefs from"):
+        run.daemon_cwd("noatimefs-base", tmp_path)  # no package there: the installed one
+    (tmp_path / "noatimefs").mkdir()
+    (tmp_path / "noatimefs" / "__init__.py").write_text("")
+    assert run.daemon_cwd("noatimefs-base", tmp_path) == tmp_path

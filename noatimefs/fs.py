@@ -54,7 +54,7 @@ import trio
 from noatimefs import loop, policy, procinfo
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
-from noatimefs.readahead import ReadAhead, siblings
+from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
 from noatimefs.walkahead import WalkAhead
@@ -141,6 +141,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.read_ahead = ReadAhead(source)
         self.walk_ahead = WalkAhead(source.root_fd)
         self._read_ahead_at: dict[tuple[int, int], float] = {}  # directory -> when
+        self._data_walked = b""  # the store path last named to walk ahead with its data
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
@@ -355,7 +356,7 @@ class NoatimeFS(pyfuse3.Operations):
                 self.stats.reads_waited += 1
                 handle = self.files.get(fh)
                 if handle is not None:
-                    self._read_ahead_siblings(handle.node)
+                    self._read_ahead_around(handle.node, handle.size)
                 if (handle.size if handle else size) - off - done <= INLINE_READ:
                     # A small rest (a store is mostly small files) costs less
                     # read here than the round trip to a worker thread would.
@@ -370,11 +371,13 @@ class NoatimeFS(pyfuse3.Operations):
         # pyfuse3 replies from any buffer; a view saves copying the data again.
         return cast(bytes, view[:done])
 
-    def _read_ahead_siblings(self, node: Node) -> None:
-        """*node*'s data was not cached: read its directory's other small files ahead.
+    def _read_ahead_around(self, node: Node, size: int) -> None:
+        """*node*'s data (*size* bytes) was not cached: read small files ahead.
 
-        At most once a minute per directory, and only from a listing at hand
-        (SOURCE's top level has none): see :mod:`noatimefs.readahead`.
+        Its directory's other small files, at most once a minute per directory and
+        only from a listing at hand (SOURCE's top level has none): see
+        :mod:`noatimefs.readahead`; and, for a small file, those of its store path
+        and the ones after it, in the walk-ahead helper (:mod:`noatimefs.walkahead`).
         """
         parent = node.parent
         if parent is None:
@@ -389,6 +392,16 @@ class NoatimeFS(pyfuse3.Operations):
         if listing is not None:
             entries = [(name, attr.st_mode, attr.st_size) for name, _, attr in listing.entries]
             self.read_ahead.want(siblings(entries, parent.path(), node.name))
+        # A caller reading a store path's small files cold reads the next ones too, most
+        # likely (a tar of a closure, a VM booting); one reading a big file, not so.
+        if size > MAX_FILE:
+            return
+        top = node
+        while top.parent is not None and top.parent is not self.inodes.root:
+            top = top.parent
+        if top.parent is not None and top.name != self._data_walked:
+            self._data_walked = top.name
+            self.walk_ahead.want(top.name, data=True)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.files.pop(fh, None)

@@ -92,15 +92,25 @@ class ReadAhead:
         """Ask the kernel to read the regular file at *path* into the page cache."""
         fd = self.source.open(path, O_PATH | os.O_NOFOLLOW)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return
-            data = os.open(proc_path(fd), os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+            will_need(fd)
         finally:
             os.close(fd)
-        try:
-            os.posix_fadvise(data, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(data)
+
+
+def will_need(path_fd: int, noatime: int = os.O_NOATIME) -> bool:
+    """Ask the kernel to read the file open ``O_PATH`` on *path_fd* into the page cache.
+
+    Only a regular file is opened for reading (a device's or a FIFO's open could
+    have side effects, or wait); False for anything else.
+    """
+    if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+        return False
+    fd = os.open(proc_path(path_fd), os.O_RDONLY | noatime | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    return True
 
 
 def siblings(entries: list[tuple[bytes, int, int]], base: bytes, skip: bytes) -> list[bytes]:

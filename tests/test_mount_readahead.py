@@ -165,3 +165,32 @@ def test_a_cold_lookup_of_a_store_path_walks_that_path_ahead() -> None:
             finally:
                 inotify.close()
             assert m.status()["walk_ahead_named"] == 1
+
+
+def test_a_cold_read_reads_the_small_files_of_its_store_path_and_the_next_ones_ahead() -> None:
+    with util.world_tmpdir("noatimefs-dataahead-") as work:
+        src = work / "src"
+        for i in range(4):
+            for sub in ("lib", "share"):
+                (src / f"{i:04d}-pkg-1.0" / sub).mkdir(parents=True)
+                (src / f"{i:04d}-pkg-1.0" / sub / "f").write_bytes(os.urandom(64 << 10))
+        order = [src / name for name in os.listdir(src)]  # SOURCE's listing order
+        first, after = order[1], order[2:]  # order[0], listed before first, is not read
+        with util.mounted(work / "src") as m:
+            files = [p / sub / "f" for p in order for sub in ("lib", "share")]
+            for f in files:
+                _evict(f)
+            assert [_resident(f) for f in files] == [0] * len(files)
+
+            assert (m.path / first.name / "lib" / "f").read_bytes() == (
+                first / "lib/f"
+            ).read_bytes()
+
+            want = [first / "share" / "f"] + [
+                p / sub / "f" for p in after for sub in ("lib", "share")
+            ]
+            deadline = time.monotonic() + 20
+            while any(_resident(f) < f.stat().st_size for f in want):
+                assert time.monotonic() < deadline, [_resident(f) for f in want]
+                time.sleep(0.01)  # the helper's reads are asynchronous: poll for them
+            assert [_resident(order[0] / sub / "f") for sub in ("lib", "share")] == [0, 0]

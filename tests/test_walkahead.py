@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import pytest
 
-from noatimefs import walkahead
+from noatimefs import readahead, walkahead
 from noatimefs.source import Source
 from noatimefs.walkahead import WalkAhead, Walker
 
@@ -79,6 +79,24 @@ def test_walk_never_follows_a_symlink_out_of_source(store: Store) -> None:
     assert walker.listed == 7
 
 
+def test_walk_reads_small_files_ahead_only_while_callers_read_data(store: Store) -> None:
+    os.mkfifo(store.src / "p0" / "lib" / "fifo")
+    (store.src / "p0" / "lib" / "big").write_bytes(b"x" * (readahead.MAX_FILE + 1))
+    walker = Walker(store.fd)
+    walker.data_left = 1 << 30
+    assert walker.walk(b"p0", 100) == 8
+    assert walker.read_ahead == 0  # a walk of metadata only
+    walker.read_data()
+    assert walker.walk(b"p0", 100) == 8  # walked again, for its data this time
+    assert walker.read_ahead == 3  # lib/a, lib/b, bin/x: not the link, the FIFO, the big file
+    assert walker.walk(b"p0", 100) == 8
+    assert walker.read_ahead == 3  # walked with its data: not again
+    walker.data_left = 1
+    walker.walk(b"p1", 100)
+    assert walker.read_ahead == 4  # within the byte budget: one 1-byte file
+    assert walker.data_left == 0
+
+
 def test_serve_walks_from_the_newest_name_until_the_pipe_closes(
     store: Store,
 ) -> None:
@@ -92,6 +110,17 @@ def test_serve_walks_from_the_newest_name_until_the_pipe_closes(
     # order[3] was the newest name; the end of the pipe was seen after its first path.
     assert set(walker._walked) == {order[3]}
     assert walker.listed == 6
+
+
+def test_serve_reads_data_ahead_once_told_callers_read_data(store: Store) -> None:
+    walker = Walker(store.fd)
+    r, w = os.pipe()
+    os.write(w, walkahead.DATA + b"\0/" + store.order[1] + b"\0")  # want(name, False, data=True)
+    os.close(w)
+    walkahead.serve(walker, r)
+    os.close(r)
+    assert set(walker._walked) == {store.order[1]}
+    assert walker.read_ahead == 3
 
 
 def test_names_keeps_a_partial_name_for_the_next_read() -> None:

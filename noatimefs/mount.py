@@ -163,7 +163,12 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
     _raise_nofile_limit()
     source = Source(config.source)
     # A signal between the mount and trio's handlers would otherwise kill the
-    # daemon with the mount left dead: hold them until _stop_on_signal.
+    # daemon with the mount left dead: hold them until _stop_on_signal. One the
+    # daemon inherited as ignored (a shell starts background commands with SIGINT
+    # ignored) would be discarded even while held: they stop the daemon from the start.
+    for signum in _SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         ops = NoatimeFS(source, config.consumer, timeout=config.timeout)

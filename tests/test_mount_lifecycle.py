@@ -83,6 +83,25 @@ def test_signal_unmounts_and_exits_0(small_source: Path, sig: signal.Signals) ->
         assert util.mount_entry(m.path) is None, m.log_text()
 
 
+# What a shell does to a command it starts in the background (``noatimefs SRC MNT &``
+# in a script): SIGINT ignored. A signal ignored is discarded even while blocked.
+_IGNORING_SIGINT = [
+    util.SYSTEM_PYTHON,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_sigint_right_after_the_mount_stops_a_daemon_started_with_sigint_ignored(
+    small_source: Path,
+) -> None:
+    with util.mounted(small_source, wrapper=_IGNORING_SIGINT) as m:
+        m.proc.send_signal(signal.SIGINT)  # before the daemon's own handlers, most likely
+        assert m.proc.wait(timeout=util.DAEMON_DEADLINE) == 0, m.log_text()
+        assert util.mount_entry(m.path) is None, m.log_text()
+
+
 def test_umount_stops_the_daemon_with_exit_0(small_source: Path) -> None:
     with util.mounted(small_source) as m:
         subprocess.run(["umount", m.path], check=True)

@@ -53,7 +53,7 @@ from noatimefs import storegen  # noqa: E402
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
 # Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
 # one task and a request loop that does not park between queued requests.
-EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base")
+EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base", "noatimefs-view")
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
 MOUNT_TIMEOUT = 120.0
@@ -102,9 +102,14 @@ def mounted(mountpoint: str) -> bool:
 @dataclasses.dataclass
 class Mount:
     mode: str
-    root: str
+    root: str  # where the workloads run
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    mnt: str = ""  # the mountpoint, when the workloads run below it (a per-user view)
+
+    @property
+    def mountpoint(self) -> str:
+        return self.mnt or self.root
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +141,8 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
     uid = str(pwd.getpwnam(owner).pw_uid)
     if mode in ("noatimefs", "noatimefs-base"):  # the latter started in --base (daemon_cwd)
         return [sys.executable, "-m", "noatimefs", "--owner", owner, "--allow-other", source, mnt]
+    if mode == "noatimefs-view":  # --per-user; the workloads run in MNT/<owner's uid>
+        return [sys.executable, "-m", "noatimefs", "--per-user", "--allow-other", source, mnt]
     if mode == "noatimefs-plain":  # pyfuse3's own request loop (noatimefs/loop.py off)
         plain = ["--plain-loop", "--owner", owner, "--allow-other"]
         return [sys.executable, "-m", "noatimefs", *plain, source, mnt]
@@ -199,8 +206,10 @@ def start_mount(
             cwd=daemon_cwd(mode, base),
         )
     m = Mount(mode, str(mnt), proc, log)
+    if mode == "noatimefs-view":
+        m.mnt, m.root = str(mnt), str(mnt / str(pwd.getpwnam(owner).pw_uid))
     deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not mounted(str(mnt)):
+    while not mounted(m.mountpoint):
         if proc.poll() is not None:
             stop_mount(m)
             raise MountError(f"{mode} exited with {proc.returncode}:\n{m.log_tail()}")
@@ -216,10 +225,10 @@ def stop_mount(m: Mount) -> None:
     if m.proc is None:
         return
     try:
-        if mounted(m.root):
-            r = subprocess.run(["fusermount3", "-u", m.root], capture_output=True)
-            if r.returncode != 0 and mounted(m.root):
-                subprocess.run(["umount", "-l", m.root], capture_output=True)
+        if mounted(m.mountpoint):
+            r = subprocess.run(["fusermount3", "-u", m.mountpoint], capture_output=True)
+            if r.returncode != 0 and mounted(m.mountpoint):
+                subprocess.run(["umount", "-l", m.mountpoint], capture_output=True)
     finally:
         try:
             m.proc.wait(STOP_TIMEOUT)
@@ -231,7 +240,7 @@ def stop_mount(m: Mount) -> None:
                 m.proc.kill()
                 m.proc.wait()
         with contextlib.suppress(OSError):
-            os.rmdir(m.root)
+            os.rmdir(m.mountpoint)
 
 
 # ---------------------------------------------------------------- workloads

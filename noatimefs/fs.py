@@ -559,12 +559,17 @@ class NoatimeFS(pyfuse3.Operations):
     def _listing_key(self, node: Node) -> tuple[int, int, int]:
         return (node.view.tag, *node.key)
 
-    def _view(self, uid: int) -> View | None:
-        """The view of *uid*, made on its first use; None if *uid* may not have one."""
+    def _view(self, uid: int, caller_uid: int) -> View | None:
+        """The view of *uid*; None if there is none for *caller_uid* to enter.
+
+        A view is made on its first lookup by its own uid (or root): anyone may
+        enter a view that exists, as anyone may reach a ``--owner`` mount, but
+        nobody can make the daemon hold views for uids that never came.
+        """
         view = self.views.get(uid)
         if view is None:
             assert self.per_user is not None
-            if not self.per_user.admits(uid):
+            if caller_uid not in (0, uid) or not self.per_user.admits(uid):
                 return None
             view = View(consumer_for_uid(uid), tag=len(self.views) + 1)
             self.views[uid] = view
@@ -577,7 +582,7 @@ class NoatimeFS(pyfuse3.Operations):
         if name == SELF_NAME:
             return self._user_root_entry(SELF_ID, ctx)
         uid = parse_uid(name)
-        view = None if uid is None else self._view(uid)
+        view = None if uid is None else self._view(uid, ctx.uid)
         if view is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         with _errors():

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from noatimefs import __version__, mountinfo, notify, policy
+from noatimefs import __version__, consumers, mountinfo, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.mount import Config
 
@@ -137,12 +137,7 @@ def resolve_owner(spec: str | None) -> policy.Consumer:
             uid = pwd.getpwnam(spec).pw_uid
         except KeyError:
             raise QuietError(f"unknown owner: no user named {spec!r}", Exit.OWNER) from None
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        log.info("owner uid %d has no passwd entry: no group memberships assumed", uid)
-        return policy.Consumer(uid, frozenset())
-    return policy.Consumer(uid, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    return consumers.consumer_for_uid(uid)
 
 
 def check_source(source: str) -> None:

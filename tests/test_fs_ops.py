@@ -63,7 +63,7 @@ def tree(tmp_path: Path) -> Path:
 @pytest.fixture
 def ops(tree: Path) -> Iterator[NoatimeFS]:
     source = Source(str(tree))
-    consumer = policy.Consumer(65534, frozenset({65534}))
+    consumer = policy.Consumer(65534, frozenset({65534}), 65534)
     fs = NoatimeFS(source, consumer, timeout=5.0, daemon_uid=0)
     yield fs
     fs.close()
@@ -83,7 +83,7 @@ def test_lookup_presents_consumer_and_source_inode(ops: NoatimeFS, tree: Path) -
     attr = lookup(ops, "pkg/data")
     st = os.lstat(tree / "pkg" / "data")
     assert attr.st_ino == st.st_ino
-    assert (attr.st_uid, attr.st_gid) == (65534, st.st_gid)
+    assert (attr.st_uid, attr.st_gid) == (65534, 65534)  # public: the consumer's gid
     assert attr.st_mode == stat.S_IFREG | 0o444
     assert attr.st_size == st.st_size
     assert attr.entry_timeout == attr.attr_timeout == 5.0

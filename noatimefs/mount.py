@@ -185,10 +185,11 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
         if config.fast_loop:
             loop.install()
         log.info(
-            "mounted %s at %s (presented owner uid %d%s), pid %d",
+            "mounted %s at %s (presented owner uid %d, gid %d for public entries%s), pid %d",
             config.source,
             config.mountpoint,
             config.consumer.uid,
+            config.consumer.gid,
             ", allow_other" if config.allow_other else "",
             os.getpid(),
         )

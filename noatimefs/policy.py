@@ -121,7 +121,7 @@ _WRITE_FLAGS = os.O_CREAT | os.O_TRUNC | os.O_EXCL | getattr(os, "O_TMPFILE", 0)
 
 @dataclass(frozen=True)
 class Consumer:
-    """The presented owner O: its uid, the groups it is known to be a member of, its gid.
+    """The presented owner O: its uid, the groups it is a member of, its primary gid.
 
     *groups* (from the group database; they include *gid*) decide O's class on
     the source. *gid* is O's primary group (the one its processes run with, so
@@ -173,7 +173,8 @@ def consumer_bits(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -
     that gid, and neither way may O be shown more than it has.
     """
     bits = class_bits(mode, file_uid, file_gid, consumer.uid, consumer.groups)
-    if file_uid != consumer.uid and file_gid == consumer.gid not in consumer.groups:
+    membership_unknown = consumer.gid not in consumer.groups
+    if membership_unknown and file_gid == consumer.gid and file_uid != consumer.uid:
         bits &= (mode >> 3) & 7
     return bits
 

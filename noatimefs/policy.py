@@ -58,8 +58,8 @@ group or other) that O falls in on the source:
     them would hand them to O's group). Whatever O's namespace root gains over
     such an entry, if it can map the real gid (a group O is a member of), is
     again read and search access that O already had, execution where O had it,
-    and write access that is refused. An overlay over such a directory cannot
-    create in it unless O can map its gid -- as over the source.
+    and write access that is refused. An overlay O stacks can create in such
+    a directory only if O's namespace maps its gid.
 
 2.  Anything else keeps its real uid, gid and mode. O's access to it is then
     decided by the same bits as on the source, and O's namespace root gets no

@@ -29,6 +29,7 @@ copy-up can chown the new upper file to the lower file's owner.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -239,7 +240,9 @@ def lower(request: pytest.FixtureRequest, store: Path, world_tmp: Path) -> Itera
     mnt = world_tmp / "own-mnt"
     mnt.mkdir()
     os.chown(mnt, USER_UID, USER_GID)
-    with util.dev_fuse_open_to_users(), util.mounted(store, mnt, wrapper=AS_USER) as m:
+    with contextlib.ExitStack() as stack:
+        with util.dev_fuse_open_to_users():  # only until the daemon holds its descriptor
+            m = stack.enter_context(util.mounted(store, mnt, wrapper=AS_USER))
         assert m.entry is not None
         assert "allow_other" not in m.entry.options
         yield m.path

@@ -6,8 +6,13 @@ upper directory -- as rootless container tools do:
 
 - kernel overlayfs in its own user and mount namespace (``unshare -rm``, with
   ``userxattr`` as rootless tools mount it);
-- fuse-overlayfs in the same kind of namespace, plain and with
-  ``squash_to_uid=0,squash_to_gid=0`` (rootless podman's ``ignore_chown_errors``);
+- fuse-overlayfs in the same kind of namespace (as rootless podman runs it),
+  plain and with ``squash_to_uid=0,squash_to_gid=0``. (The squash variant
+  worked before the public-entry rule too: fuse-overlayfs then shows and
+  chowns the squashed ids. Without a namespace, fuse-overlayfs 1.10 cannot copy
+  up a 0555 directory even over the user's own tree -- it renames the new
+  directory into place, which needs write permission on it -- so a store
+  cannot be its lower layer there, through noatimefs or not.)
 
 over two daemons: root's (``--owner 65534 --allow-other``) and the user's own
 (a rootless ``noatimefs SOURCE MNT``, on a machine whose ``/dev/fuse`` is 0666 as

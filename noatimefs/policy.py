@@ -40,8 +40,9 @@ group or other) that O falls in on the source:
     ``EROFS`` and an overlay sends to its upper layer. Nobody else holds them:
     they need the uid mapped as well, and an unprivileged user can map only
     its own uid (or what ``/etc/subuid`` gives it, an administrator's grant to
-    act as that uid). A store is public throughout: 0444/0555 files, 0555
-    directories, all root's.
+    act as that uid) -- and one who did would gain only the same write
+    access, every class granting ``a & r-x`` already. A store is public
+    throughout: 0444/0555 files, 0555 directories, all root's.
 
 1b. An entry O can use but that is not public (some class grants less than
     ``a & r-x``) is presented with uid O and the **real gid**:

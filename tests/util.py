@@ -16,6 +16,8 @@ cannot hide a failure.
 - :func:`world_tmpdir` makes a temp dir every user can traverse (pytest's
   ``tmp_path`` lives under a 0700 directory) and refuses to delete it while
   something is mounted below it.
+- :func:`dev_fuse_open_to_users` opens ``/dev/fuse`` to every user (0666) for
+  a block, for unprivileged FUSE daemons, and restores its mode.
 """
 
 from __future__ import annotations

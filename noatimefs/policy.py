@@ -15,8 +15,14 @@ with ``unshare -r`` holds ``CAP_DAC_OVERRIDE`` (and ``CAP_DAC_READ_SEARCH``)
 over every inode whose uid *and* gid map into that namespace. Fact 11 says
 what an overlay stacked on the mount needs to write: that capability over the
 lower directories it creates in, and a gid it can map for the files it copies
-up. Hence, per entry, with ``a`` the permission bits of the class (owner,
-group or other) that O falls in on the source:
+up. Hence, per entry, with ``a`` the permission bits O has on the source
+whatever groups its processes are in: the owner bits if O owns the entry,
+else the group and other bits where they agree on read and search/execute,
+else none (:func:`consumer_bits`: the kernel keeps one presentation for all of
+O's processes, and they need not all have the groups the group database gives
+O -- found by the escalation table run through ``--per-user``'s
+``MNT/self``, where a caller with a group the database does not list became a
+presented owner and could search what its group may not):
 
 1a. A *public* entry -- one O can *use* on the source (a regular file O may
     read, a directory O may read and search, or a symlink) and whose every
@@ -70,10 +76,9 @@ group or other) that O falls in on the source:
 O's gid is its passwd entry's primary gid: the gid O's processes run with,
 hence the one ``unshare -r`` maps. A uid with no passwd entry (systemd's
 ``DynamicUser=``, Nix's ``auto-allocate-uids``) runs with gid = uid by
-convention, and is given that, with no group memberships known: its class on
-an entry of group uid is then the lesser of group and other
-(:func:`consumer_bits`), so that it is shown no more whether or not its
-processes run with that gid. The choice cannot grant anything, whichever gid
+convention, and is given that, with no group memberships known (they do not
+decide its presentation anyway: ``a`` does not depend on groups). The choice
+cannot grant anything, whichever gid
 it is: in a public entry the group bits equal the other bits, so membership of
 the gid is worth nothing; and the capabilities of a namespace root need the
 entry's uid *and* gid mapped, and only O (or whoever the administrator lets map
@@ -124,11 +129,11 @@ _WRITE_FLAGS = os.O_CREAT | os.O_TRUNC | os.O_EXCL | getattr(os, "O_TMPFILE", 0)
 class Consumer:
     """The presented owner O: its uid, the groups it is a member of, its primary gid.
 
-    *groups* (from the group database; they include *gid*) decide O's class on
-    the source. *gid* is O's primary group (the one its processes run with, so
-    the one its user namespaces map): the presented group of public entries.
-    A *gid* not in *groups* (a uid with no passwd entry) is a membership not
-    known either way (:func:`consumer_bits`). Made by
+    *groups* (from the group database; they include *gid*) are O's groups as
+    far as the database knows (``--per-user --owner @group`` admits by them);
+    they do not decide its presentation (:func:`consumer_bits`). *gid* is O's
+    primary group (the one its processes run with, so the one its user
+    namespaces map): the presented group of public entries. Made by
     :func:`noatimefs.consumers.consumer_for_uid`.
     """
 
@@ -166,18 +171,24 @@ def public(mode: int, bits: int) -> bool:
 
 
 def consumer_bits(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -> int:
-    """The bits ``a`` of the class O falls in on the source.
+    """The bits ``a`` O has on the source whatever groups its processes are in; 0 if none.
 
-    When O's membership of its own gid is not known (its gid is not among its
-    groups: a uid with no passwd entry), an entry of that group gives O the
-    lesser of the group and other bits: O's processes may or may not run with
-    that gid, and neither way may O be shown more than it has.
+    The owner bits if O owns the entry. Otherwise the group and other bits, if
+    they give the same read and search/execute (a store: 0444, 0555, 1775):
+    then O's class does not matter. Where they differ, O's access depends on
+    the groups each of its processes is in -- and the group database cannot
+    say: a process may run with others (``setpriv --groups``, a sandbox,
+    systemd's ``SupplementaryGroups=``) or without some -- while the kernel
+    keeps one presentation for all of them. Such an entry is not shown as O's
+    (0: rule 2), so the kernel decides with each process's own groups on the
+    source's own bits, exactly as on the source.
     """
-    bits = class_bits(mode, file_uid, file_gid, consumer.uid, consumer.groups)
-    membership_unknown = consumer.gid not in consumer.groups
-    if membership_unknown and file_gid == consumer.gid and file_uid != consumer.uid:
-        bits &= (mode >> 3) & 7
-    return bits
+    if consumer.uid == file_uid:
+        return (mode >> 6) & 7
+    group, other = (mode >> 3) & 7, mode & 7
+    if (group ^ other) & (R_OK | X_OK):
+        return 0
+    return group & other
 
 
 @functools.lru_cache(maxsize=4096)

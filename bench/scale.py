@@ -316,11 +316,13 @@ def table_cost(root: str, limit: int) -> dict[str, float]:
     import psutil
 
     from noatimefs.inodes import InodeTable, Node
+    from noatimefs.policy import Consumer
+    from noatimefs.views import View
 
     proc = psutil.Process()
     gc.collect()
     rss0 = proc.memory_info().rss
-    table = InodeTable(os.stat(root))
+    table = InodeTable(os.stat(root), View(Consumer(0, frozenset()), tag=0))
     stack: list[tuple[str, Node]] = [(root, table.root)]
     t0 = time.monotonic()
     while stack and len(table) < limit:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from noatimefs import __version__, mountinfo, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.mount import Config
+from noatimefs.views import Allow
 
 log = logging.getLogger("noatimefs")
 
@@ -72,7 +73,14 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
         "--owner",
         metavar="USER|UID",
         help="the consumer the mount is for; entries it can use are shown as its own "
-        "(default: the user running noatimefs)",
+        "(default: the user running noatimefs); with --per-user, who may have a view: "
+        "a comma-separated list of users, uids, ranges A-B and @group (default: any uid)",
+    )
+    parser.add_argument(
+        "--per-user",
+        action="store_true",
+        help="one view per uid: MOUNTPOINT/<uid>/ presents SOURCE as --owner <uid> would, "
+        "and MOUNTPOINT/self is a symlink to the caller's own view",
     )
     parser.add_argument(
         "--allow-other",
@@ -99,7 +107,7 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount(8)-style options: owner=USER, allow_other, timeout=SECONDS, debug; "
+        help="mount(8)-style options: owner=USER, per_user, allow_other, timeout=SECONDS, debug; "
         "fstab-only options (nofail, noauto, _netdev, x-systemd.*, ...) are ignored",
     )
 
@@ -113,6 +121,8 @@ def apply_mount_options(args: argparse.Namespace, parser: argparse.ArgumentParse
                 args.owner = args.owner or value
             elif key == "allow_other" and not value:
                 args.allow_other = True
+            elif key == "per_user" and not value:
+                args.per_user = True
             elif key == "debug" and not value:
                 args.debug = True
             elif key == "timeout" and value:
@@ -291,10 +301,19 @@ def make_config(args: argparse.Namespace) -> Config:
     mountpoint = os.path.abspath(args.mountpoint)
     check_source(source)
     check_mountpoint(mountpoint, source)
-    consumer = resolve_owner(args.owner)
+    if args.per_user:
+        per_user: Allow | None = Allow.parse(args.owner)
+        consumer = resolve_owner(None)
+    else:
+        per_user = None
+        consumer = resolve_owner(args.owner)
     check_fuse(args.allow_other)
     check_openat2(source)
-    if consumer.uid != os.geteuid() and not args.allow_other:
+    if per_user is not None and not args.allow_other:
+        log.warning(
+            "--per-user without --allow-other: only uid %d can reach the mount", os.geteuid()
+        )
+    elif consumer.uid != os.geteuid() and not args.allow_other:
         log.warning(
             "owner uid %d is not the daemon's user: "
             "without --allow-other it cannot reach the mount",
@@ -304,6 +323,7 @@ def make_config(args: argparse.Namespace) -> Config:
         source=source,
         mountpoint=mountpoint,
         consumer=consumer,
+        per_user=per_user,
         allow_other=args.allow_other,
         timeout=300.0 if args.timeout is None else args.timeout,
         debug=args.debug,

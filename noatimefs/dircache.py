@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-Key = tuple[int, int]
+Key = tuple[int, ...]  # a directory's identity (with its view's tag)
 E = TypeVar("E")
 
 

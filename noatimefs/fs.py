@@ -43,6 +43,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -57,6 +58,7 @@ from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
+from noatimefs.views import Allow, View, consumer_for_uid, parse_uid
 from noatimefs.walkahead import WalkAhead
 from noatimefs.watch import (
     GONE,
@@ -78,6 +80,11 @@ READ_AHEAD_AGAIN = 60.0
 
 #: The virtual, read-only xattr on the mount root that reports the daemon's state.
 STATUS_XATTR = b"user.noatimefs.status"
+
+#: With ``--per-user``: the node of the root's ``self`` symlink (no view uses
+#: ids below ``1 << 48``), and its name.
+SELF_ID = 2
+SELF_NAME = b"self"
 
 
 @contextlib.contextmanager
@@ -125,13 +132,21 @@ class NoatimeFS(pyfuse3.Operations):
         *,
         timeout: float = 300.0,
         daemon_uid: int | None = None,
+        per_user: Allow | None = None,
     ) -> None:
         super().__init__()
         self.source = source
         self.consumer = consumer
         self.timeout = timeout
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
-        self.inodes = InodeTable(os.stat(source.root_fd))
+        #: With ``--per-user``, who may have a view; None: one view, the mount's root.
+        self.per_user = per_user
+        root_view = View(consumer, tag=0)
+        self.inodes = InodeTable(os.stat(source.root_fd), root_view)
+        self.views: dict[int, View] = {}  # by uid
+        if per_user is None:
+            root_view.root = self.inodes.root
+            self.views[consumer.uid] = root_view
         self.files: dict[int, _FileHandle] = {}  # fh is the backing fd
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
@@ -161,10 +176,12 @@ class NoatimeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        return self._attributes(st, node.id, node.gen)
+        return self._attributes(st, node.id, node.gen, node.view.consumer)
 
-    def _attributes(self, st: os.stat_result, node_id: int, gen: int) -> pyfuse3.EntryAttributes:
-        uid, gid, mode = policy.present(st.st_mode, st.st_uid, st.st_gid, self.consumer)
+    def _attributes(
+        self, st: os.stat_result, node_id: int, gen: int, consumer: policy.Consumer
+    ) -> pyfuse3.EntryAttributes:
+        uid, gid, mode = policy.present(st.st_mode, st.st_uid, st.st_gid, consumer)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node_id
         attr.generation = gen
@@ -185,7 +202,7 @@ class NoatimeFS(pyfuse3.Operations):
 
     def _open_dir(self, node: Node) -> int:
         """An ``O_PATH`` descriptor on directory *node*, checked to still be it."""
-        if node is self.inodes.root:
+        if node.parent is None:
             return os.dup(self.source.root_fd)
         fd = self.source.open(node.path(), O_PATH | os.O_DIRECTORY)
         st = os.fstat(fd)
@@ -195,7 +212,7 @@ class NoatimeFS(pyfuse3.Operations):
         return fd
 
     def _lstat_child(self, parent: Node, name: bytes) -> os.stat_result:
-        if parent is self.inodes.root:
+        if parent.parent is None:
             return os.stat(name, dir_fd=self.source.root_fd, follow_symlinks=False)
         fd = self._open_dir(parent)
         try:
@@ -246,9 +263,11 @@ class NoatimeFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_ID and self.per_user is not None:
+            return self._lookup_in_user_root(name, ctx)
         parent = self._node(parent_inode)
         # A store path SOURCE no longer holds in memory: what follows it will be cold too.
-        cold = parent is self.inodes.root and not self.source.in_memory(name)
+        cold = parent.parent is None and not self.source.in_memory(name)
         with _errors():
             st = self._lstat_child(parent, name)
         node = self.inodes.remember(parent, name, st)
@@ -263,6 +282,8 @@ class NoatimeFS(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.per_user is not None and inode in (ROOT_ID, SELF_ID):
+            return self._user_root_entry(inode, ctx)
         node = self._node(inode)
         try:
             with _errors():
@@ -280,6 +301,8 @@ class NoatimeFS(pyfuse3.Operations):
         return self._entry(node, st)
 
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == SELF_ID and self.per_user is not None:
+            return str(ctx.uid).encode()  # the uid FUSE names: the host's, in any namespace
         node = self._node(inode)
         with _errors():
             fd, _ = self._open_current(node, O_PATH)
@@ -325,14 +348,17 @@ class NoatimeFS(pyfuse3.Operations):
             if decision.noatime is policy.Noatime.KEPT:
                 status_flags |= os.O_NOATIME
                 self.stats.kept(ctx.pid)
+                node.view.noatime_kept += 1
             elif decision.noatime is policy.Noatime.DROPPED:
                 self.stats.dropped(ctx.pid, ctx.uid, node.path(), st.st_uid)
+                node.view.noatime_dropped += 1
             with _errors():
                 fcntl.fcntl(fd, fcntl.F_SETFL, status_flags)
         except BaseException:
             os.close(fd)
             raise
         self.stats.opens += 1
+        node.view.opens += 1
         node.opens += 1
         self.files[fd] = _FileHandle(node, st.st_size)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -388,7 +414,7 @@ class NoatimeFS(pyfuse3.Operations):
         if len(self._read_ahead_at) >= 100_000:
             self._read_ahead_at.clear()
         self._read_ahead_at[parent.key] = now
-        listing = self.dir_cache.peek(parent.key)
+        listing = self.dir_cache.peek(self._listing_key(parent))
         if listing is not None:
             entries = [(name, attr.st_mode, attr.st_size) for name, _, attr in listing.entries]
             self.read_ahead.want(siblings(entries, parent.path(), node.name))
@@ -397,7 +423,7 @@ class NoatimeFS(pyfuse3.Operations):
         if size > MAX_FILE:
             return
         top = node
-        while top.parent is not None and top.parent is not self.inodes.root:
+        while top.parent is not None and top.parent.parent is not None:
             top = top.parent
         if top.parent is not None and top.name != self._data_walked:
             self._data_walked = top.name
@@ -415,6 +441,8 @@ class NoatimeFS(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
+        if inode == ROOT_ID and self.per_user is not None:
+            return self._open_user_root(ctx)
         node = self._node(inode)
         # A fresh stat of the directory: the access re-check below and the cached
         # listing's validity use SOURCE's mode and ctime of now.
@@ -422,24 +450,27 @@ class NoatimeFS(pyfuse3.Operations):
             fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 listing = None
-                if node is not self.inodes.root:
-                    listing = self.dir_cache.get(node.key, dir_st.st_ctime_ns)
+                top = node.parent is None
+                if not top:
+                    listing = self.dir_cache.get(self._listing_key(node), dir_st.st_ctime_ns)
                 if listing is not None:
                     entries = listing.entries
                 else:
+                    view = node.view
                     entries = [
-                        (name, key, self._attributes(st, self.inodes.node_id(key), 0))
+                        (name, key, self._attributes(st, ids(key, view.tag), 0, view.consumer))
+                        for ids in (self.inodes.node_id,)
                         for name, st in self._list(fd)
                         for key in ((st.st_dev, st.st_ino),)
                     ]
                     self.inodes.refresh(node, dir_st)
-                    if node is not self.inodes.root:
-                        self.dir_cache.put(node.key, dir_st.st_ctime_ns, entries)
+                    if not top:
+                        self.dir_cache.put(self._listing_key(node), dir_st.st_ctime_ns, entries)
             finally:
                 os.close(fd)
         if not self._may(policy.R_OK, dir_st, ctx):
             raise pyfuse3.FUSEError(errno.EACCES)
-        if node.parent is self.inodes.root and listing is None:
+        if node.parent is not None and node.parent.parent is None and listing is None:
             self.walk_ahead.want(node.name)  # a walk of the store may follow
         fh = next(self._dir_ids)
         node.opens += 1
@@ -464,12 +495,15 @@ class NoatimeFS(pyfuse3.Operations):
     ) -> None:
         handle = self.dirs[fh]
         parent = handle.node
+        if parent is self.inodes.root and self.per_user is not None:
+            return self._read_user_root(handle, start_id, token)
         entries = handle.entries
         inodes = self.inodes
+        tag = parent.view.tag
         for index in range(start_id, len(entries)):
             name, key, attr = entries[index]
             mode, ctime_ns = attr.st_mode, attr.st_ctime_ns
-            _, gen = inodes.peek(key, mode, ctime_ns)
+            _, gen = inodes.peek(key, mode, ctime_ns, tag)
             if attr.generation != gen:
                 attr.generation = gen
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
@@ -488,6 +522,8 @@ class NoatimeFS(pyfuse3.Operations):
     ) -> bytes:
         if inode == ROOT_ID and name == STATUS_XATTR:
             return self.status_json()
+        if self.per_user is not None and inode in (ROOT_ID, SELF_ID):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self._node(inode)
         with _errors():
             fd, st = self._open_current(node, O_PATH)
@@ -501,6 +537,8 @@ class NoatimeFS(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
+        if self.per_user is not None and inode in (ROOT_ID, SELF_ID):
+            return []
         node = self._node(inode)
         with _errors():
             fd, st = self._open_current(node, O_PATH)
@@ -515,6 +553,85 @@ class NoatimeFS(pyfuse3.Operations):
             # not filter what a FUSE daemon (running as root) lists, so filter them here.
             names = [n for n in names if not n.startswith("trusted.")]
         return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in names]
+
+    # -- views and the per-user root ------------------------------------
+
+    def _listing_key(self, node: Node) -> tuple[int, int, int]:
+        return (node.view.tag, *node.key)
+
+    def _view(self, uid: int) -> View | None:
+        """The view of *uid*, made on its first use; None if *uid* may not have one."""
+        view = self.views.get(uid)
+        if view is None:
+            assert self.per_user is not None
+            if not self.per_user.admits(uid):
+                return None
+            view = View(consumer_for_uid(uid), tag=len(self.views) + 1)
+            self.views[uid] = view
+            log.info("view of uid %d made (%d views)", uid, len(self.views))
+        return view
+
+    def _lookup_in_user_root(
+        self, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == SELF_NAME:
+            return self._user_root_entry(SELF_ID, ctx)
+        uid = parse_uid(name)
+        view = None if uid is None else self._view(uid)
+        if view is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        with _errors():
+            st = os.stat(self.source.root_fd)
+        return self._entry(self.inodes.add_root(view, st), st)
+
+    def _user_root_entry(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """The attributes of the per-user root (a directory) or of its ``self`` symlink."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(inode)
+        attr.entry_timeout = self.timeout
+        attr.st_uid = os.geteuid()
+        attr.st_gid = os.getegid()
+        started = int(self.stats.started * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = started
+        attr.st_blksize = 4096
+        if inode == SELF_ID:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(str(ctx.uid))  # the text differs per caller: not cached
+            attr.attr_timeout = 0
+        else:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.attr_timeout = self.timeout
+        return attr
+
+    def _open_user_root(self, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        """A listing of the per-user root: ``self`` and the views the kernel knows."""
+        entries: list[_Listed] = [(SELF_NAME, (0, 0), self._user_root_entry(SELF_ID, ctx))]
+        with _errors():
+            st = os.stat(self.source.root_fd)
+        for uid, view in sorted(self.views.items()):
+            if view.root is not None and view.root.nlookup > 0:
+                attr = self._entry(view.root, st)
+                entries.append((str(uid).encode(), view.root.key, attr))
+        fh = next(self._dir_ids)
+        self.dirs[fh] = _DirHandle(self.inodes.root, entries)
+        return pyfuse3.FileHandleT(fh)
+
+    def _read_user_root(
+        self, handle: _DirHandle, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        for index in range(start_id, len(handle.entries)):
+            name, _, attr = handle.entries[index]
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                break
+            view = self.views.get(parse_uid(name) or -1) if name != SELF_NAME else None
+            if view is not None and view.root is not None:
+                self.inodes.add_root(view, None)
+
+    def _view_counts(self) -> dict[str, dict[str, int]]:
+        inodes = Counter(node.view.tag for node in self.inodes)
+        return {str(uid): view.as_dict(inodes[view.tag]) for uid, view in self.views.items()}
 
     # -- the daemon's state ----------------------------------------------
 
@@ -556,18 +673,23 @@ class NoatimeFS(pyfuse3.Operations):
         if event.mask & IN_Q_OVERFLOW:
             log.warning("inotify queue overflowed: invalidating every top-level entry")
             for node in list(self.inodes):
-                if node.parent is self.inodes.root:
-                    self._invalidate_top(node.name)
+                if node.parent is not None and node.parent.parent is None:
+                    self._invalidate_top(node.name, node.parent)
         elif event.mask & (GONE | IN_ATTRIB) and event.name:
             self._invalidate_top(event.name)
         elif event.mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             log.warning("SOURCE %s itself was removed or moved away", self.source.path)
 
-    def _invalidate_top(self, name: bytes) -> None:
-        self.stats.invalidations += 1
-        pyfuse3.invalidate_entry_async(
-            pyfuse3.InodeT(ROOT_ID), pyfuse3.FileNameT(name), ignore_enoent=True
-        )
+    def _invalidate_top(self, name: bytes, root: Node | None = None) -> None:
+        """Make the kernel forget top-level *name* under *root* (default: in every view)."""
+        roots = [root] if root is not None else [v.root for v in self.views.values() if v.root]
+        for node in roots:
+            if node.nlookup <= 0:
+                continue  # the kernel holds nothing under a root it forgot
+            self.stats.invalidations += 1
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.InodeT(node.id), pyfuse3.FileNameT(name), ignore_enoent=True
+            )
 
     def status(self) -> dict[str, object]:
         # psutil reads /proc, which needs a descriptor: with the daemon's descriptors all in
@@ -581,7 +703,9 @@ class NoatimeFS(pyfuse3.Operations):
         return {
             "pid": os.getpid(),
             "source": self.source.path,
-            "owner": self.consumer.uid,
+            "owner": None if self.per_user is not None else self.consumer.uid,
+            "per_user": None if self.per_user is None else self.per_user.describe(),
+            "views": self._view_counts(),
             "rss": rss,
             "fds": fds,
             "inodes": len(self.inodes),

@@ -27,6 +27,7 @@ from noatimefs import loop, mountinfo, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.fs import NoatimeFS
 from noatimefs.source import Source
+from noatimefs.views import Allow
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Config:
     source: str  # absolute
     mountpoint: str  # absolute
     consumer: policy.Consumer
+    per_user: Allow | None = None  # --per-user: who may have a view
     allow_other: bool = False
     timeout: float = 300.0
     debug: bool = False
@@ -171,7 +173,7 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
             signal.signal(signum, signal.SIG_DFL)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
-        ops = NoatimeFS(source, config.consumer, timeout=config.timeout)
+        ops = NoatimeFS(source, config.consumer, timeout=config.timeout, per_user=config.per_user)
         real_mountpoint = os.path.realpath(config.mountpoint)  # once mounted, only we could answer
         with _captured_stderr() as libfuse_said:
             try:
@@ -185,10 +187,12 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
         if config.fast_loop:
             loop.install()
         log.info(
-            "mounted %s at %s (presented owner uid %d%s), pid %d",
+            "mounted %s at %s (%s%s), pid %d",
             config.source,
             config.mountpoint,
-            config.consumer.uid,
+            f"presented owner uid {config.consumer.uid}"
+            if config.per_user is None
+            else f"a view per uid: {config.per_user.describe()}",
             ", allow_other" if config.allow_other else "",
             os.getpid(),
         )

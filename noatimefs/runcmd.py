@@ -76,6 +76,8 @@ def daemon_argv(args: argparse.Namespace, mountpoint: str) -> list[str]:
         argv += ["--owner", args.owner]
     if args.allow_other:
         argv.append("--allow-other")
+    if args.per_user:
+        argv.append("--per-user")
     if args.timeout is not None:
         argv += ["--timeout", str(args.timeout)]
     if args.debug:

@@ -10,7 +10,10 @@ same process, so the two outcomes are comparable:
 
 For every caller an operation that fails on SOURCE must fail through the mount;
 for the presented owner (65534, no namespace) the outcomes must be exactly
-SOURCE's. The callers include the presented owner as root of its own user
+SOURCE's. The table is probed three ways: a mount with ``--owner 65534``; the
+view ``MNT/65534`` of a ``--per-user`` mount (every other caller is then in
+another uid's view); and ``MNT/self`` of that mount, where every caller is in
+its own view. The callers include the presented owner as root of its own user
 namespace (``unshare -r``, which has CAP_DAC_OVERRIDE over every inode whose uid
 and gid map into it) and an overlay that owner mounts there over the mount.
 """
@@ -105,6 +108,8 @@ class Table:
     work: Path
     files: list[str]
     dirs: list[str]
+    root: Path  # where the table is probed: the mount, a view, or self
+    presented: Path  # where it is presented as 65534's: the mount, or the view MNT/65534
 
 
 def build_table(src: Path) -> tuple[list[str], list[str]]:
@@ -128,15 +133,26 @@ def build_table(src: Path) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
-@pytest.fixture(scope="module")
-def table() -> Iterator[Table]:
+#: How the table is presented: --owner 65534, the per-user view of 65534, MNT/self.
+PRESENTATIONS = ("owner", "view")
+
+
+@pytest.fixture(scope="module", params=PRESENTATIONS)
+def table(request: pytest.FixtureRequest) -> Iterator[Table]:
+    how = request.param
     with util.world_tmpdir("noatimefs-escalation-") as base:
         src = base / "src"
         src.mkdir(mode=0o755)
         files, dirs = build_table(src)
         before = util.manifest(src)
-        with util.mounted(src, owner=util.NOBODY[0], allow_other=True) as m:
-            yield Table(src=src, mount=m, work=base, files=files, dirs=dirs)
+        if how == "owner":
+            mount = util.mounted(src, owner=util.NOBODY[0], allow_other=True)
+        else:
+            mount = util.mounted(src, None, "--per-user", allow_other=True)
+        with mount as m:
+            presented = m.path if how == "owner" else m.path / str(util.NOBODY[0])
+            root = m.path / "self" if how == "self" else presented
+            yield Table(src, m, base, files, dirs, root=root, presented=presented)
         after = util.manifest(src)
         assert after == before, util.manifest_diff(before, after)
 
@@ -165,7 +181,7 @@ def compare(caller: Caller, result: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("caller", CALLERS, ids=[c.name for c in CALLERS])
 def test_never_more_than_source(table: Table, caller: Caller) -> None:
     data: dict[str, Any] = {
-        "roots": {"src": str(table.src), "mnt": str(table.mount.path)},
+        "roots": {"src": str(table.src), "mnt": str(table.root)},
         "files": table.files,
         "dirs": table.dirs,
     }
@@ -203,7 +219,7 @@ def test_presented_owner_sees_everything_it_can_use(table: Table) -> None:
 emit({"read": errno_of(read_file, DATA + "/f/root/m0404"),
       "list": errno_of(list_dir, DATA + "/d/root/m0705")})
 """
-    r = util.run_as(*util.NOBODY, code, str(table.mount.path))
+    r = util.run_as(*util.NOBODY, code, str(table.root))
     assert r == {"read": 0, "list": 0}
 
 
@@ -227,7 +243,7 @@ def test_presentation_rule_on_the_table(table: Table) -> None:
     access = util.run_as(*util.NOBODY, _ACCESS, {"src": str(table.src), "rels": rels})
     wrong = []
     for rel in rels:
-        s, m = os.lstat(table.src / rel), os.lstat(table.mount.path / rel)
+        s, m = os.lstat(table.src / rel), os.lstat(table.presented / rel)
         r, w, x = access[rel]
         usable = r and (x or rel in table.files)
         got = (m.st_uid, m.st_gid, oct(m.st_mode))

@@ -8,16 +8,33 @@ Through the mount: no ``EPERM``, every byte equal to SOURCE's, entries shown
 as owned by the build's own uid, and the daemon's status has one view per
 build, the six distinct build users. The control: the same build with SOURCE
 itself bound in gets ``EPERM``. How the builds are made: ``nixbuild.py``.
+
+The README's builder recipe (section "Builders: one mount for every build
+user") is run as it is written: its shell block by bash from this clone
+(``./dev install``, the unit instance at ``/run/noatimefs`` over the real
+``/nix/store``, ``nix.conf``), with two changes only: ``/etc/nix/nix.conf`` is
+a copy in a directory of the test's own (``NIX_CONF_DIR``), and where systemd
+is not PID 1, ``systemctl`` is ``units.py``'s stand-in, which runs the
+installed unit's Exec lines as systemd would. The builds then read a store
+path the test adds, through the path the recipe's QEMU line exports, with
+``/run/noatimefs`` bound only by ``nix.conf``. At the end: the unit stopped,
+``./dev uninstall``, nothing left.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nixbuild
 import pytest
+import units
 import util
 
 from noatimefs import storegen
@@ -54,9 +71,53 @@ def reader() -> Iterator[Path]:
         yield path
 
 
+def make_barrier(parent: Path) -> Path:
+    """A directory every build user can create its entry in."""
+    barrier = parent / "barrier"
+    barrier.mkdir()
+    barrier.chmod(0o1777)
+    return barrier
+
+
 @pytest.fixture
 def builds() -> Iterator[nixbuild.Builds]:
     yield from nixbuild.nix_builds()
+
+
+def check_readings(readings: Sequence[nixbuild.Reading], source: Path) -> list[int]:
+    """Each build read all of *source*, bytes equal, no EPERM, in its own view; their uids."""
+    files, dirs, links = nixbuild.read_natively(source)
+    uids = [r.host_uid for r in readings]
+    assert len(set(uids)) == BUILDS, f"builds shared a build user: {uids}"
+    assert set(uids) <= set(nixbuild.build_users()), uids
+    for r in readings:
+        who = f"build as uid {r.host_uid}"
+        assert r.uid == nixbuild.SANDBOX_UID, who
+        assert r.barrier == (BUILDS, BUILDS), f"{who}: {r.barrier}"
+        assert r.eperm == 0, f"{who}: {[f for f in r.fails if f[0] == 'EPERM'][:10]}"
+        assert r.fails == [], f"{who}: {r.fails[:10]}"
+        assert {p: v[:2] for p, v in r.files.items()} == files, f"{who}: bytes differ"
+        assert set(r.dirs) == dirs, who
+        assert r.links == links, who
+        # Presented as the build user's own, which the sandbox shows as its uid 1000.
+        owners = {v[2] for v in r.files.values()} | {v[0] for v in r.dirs.values()}
+        assert owners == {nixbuild.SANDBOX_UID}, f"{who}: owners {owners}"
+    # They read at the same time: every build was ready before any finished.
+    assert max(r.ready for r in readings) < min(r.end for r in readings)
+    print(f"each build: {len(files)} files, {len(dirs)} directories, {len(links)} symlinks")
+    return uids
+
+
+def check_views(status: dict[str, object], uids: Sequence[int], files: int) -> None:
+    """The daemon has one view per build: the builds' uids, each with its drops."""
+    views = status["views"]
+    assert isinstance(views, dict), status
+    assert set(views) == {str(u) for u in uids}, views
+    for uid in uids:
+        view = views[str(uid)]
+        assert view["noatime_dropped"] >= files, (uid, view)
+        assert view["noatime_kept"] == 0, (uid, view)
+    print(f"view of uid {uids[0]}: {views[str(uids[0])]}")
 
 
 def test_six_build_users_read_the_store_through_self(
@@ -64,9 +125,7 @@ def test_six_build_users_read_the_store_through_self(
 ) -> None:
     users = nixbuild.build_users()
     assert len(users) >= BUILDS, f"need {BUILDS} build users in group nixbld: {users}"
-    barrier = world_tmp / "barrier"
-    barrier.mkdir(mode=0o1777)
-    barrier.chmod(0o1777)
+    barrier = make_barrier(world_tmp)
     with util.mounted(store, None, "--per-user", "--owner", "@nixbld", allow_other=True) as m:
         start = time.monotonic()
         outs = builds.build(
@@ -88,35 +147,11 @@ def test_six_build_users_read_the_store_through_self(
         seconds = time.monotonic() - start
         status = m.status()
     print(f"{BUILDS} sandboxed builds through {BOUND}/self: {seconds:.1f} s")
+    for r in (readings := [nixbuild.parse_reading(out.read_text()) for out in outs]):
+        assert r.self_link == str(r.host_uid), f"self -> {r.self_link} for uid {r.host_uid}"
 
-    readings = [nixbuild.parse_reading(out.read_text()) for out in outs]
-    files, dirs, links = nixbuild.read_natively(store)
-    uids = [r.host_uid for r in readings]
-    assert len(set(uids)) == BUILDS, f"builds shared a build user: {uids}"
-    assert set(uids) <= set(users), (uids, users)
-    for r in readings:
-        who = f"build as uid {r.host_uid}"
-        assert r.uid == nixbuild.SANDBOX_UID, who
-        assert r.self_link == str(r.host_uid), f"{who}: self -> {r.self_link}"
-        assert r.barrier == (BUILDS, BUILDS), f"{who}: {r.barrier}"
-        assert r.eperm == 0, f"{who}: {[f for f in r.fails if f[0] == 'EPERM'][:10]}"
-        assert r.fails == [], f"{who}: {r.fails[:10]}"
-        assert {p: v[:2] for p, v in r.files.items()} == files, f"{who}: bytes differ"
-        assert set(r.dirs) == dirs, who
-        assert r.links == links, who
-        # Presented as the build user's own, which the sandbox shows as its uid 1000.
-        owners = {v[2] for v in r.files.values()} | {v[0] for v in r.dirs.values()}
-        assert owners == {nixbuild.SANDBOX_UID}, f"{who}: owners {owners}"
-    # They read at the same time: every build was ready before any finished.
-    assert max(r.ready for r in readings) < min(r.end for r in readings)
-
-    views = status["views"]
-    assert set(views) == {str(u) for u in uids}, views
-    for uid in uids:
-        view = views[str(uid)]
-        assert view["noatime_dropped"] >= len(files), (uid, view)
-        assert view["noatime_kept"] == 0, (uid, view)
-    print(f"per view: {views[str(uids[0])]}; {len(files)} files, {len(dirs)} directories each")
+    uids = check_readings(readings, store)
+    check_views(status, uids, len(readings[0].files))
 
 
 def test_the_same_build_on_the_source_itself_gets_eperm(
@@ -131,3 +166,166 @@ def test_the_same_build_on_the_source_itself_gets_eperm(
             max_jobs=1,
         )
     assert f"noatimefs-reader: {BOUND}: Operation not permitted" in str(excinfo.value)
+
+
+# --------------------------------------------------------------------------- the README's recipe
+
+README = util.REPO / "README.rst"
+RECIPE_TITLE = "Builders: one mount for every build user"
+#: What the recipe makes, and the test checks is gone at the end.
+RECIPE_CONF = util.CONF_DIR / "run-noatimefs.conf"
+RECIPE_MNT = Path("/run/noatimefs")
+RECIPE_UNIT = "noatimefs@run-noatimefs.service"
+
+
+def recipe_blocks() -> list[str]:
+    """The literal blocks (``::``) of the README's builder recipe, dedented."""
+    text = README.read_text()
+    start = text.index(RECIPE_TITLE + "\n")
+    end = re.compile(r"\n[^\n]+\n-{3,}\n").search(text, start + len(RECIPE_TITLE) + 1)
+    lines = text[start : end.start() if end else len(text)].split("\n")
+    blocks: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].rstrip().endswith("::"):
+            i += 1
+            body = []
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
+                body.append(lines[i][4:])
+                i += 1
+            blocks.append("\n".join(body).strip() + "\n")
+        else:
+            i += 1
+    return blocks
+
+
+def add_store_path(parent: Path, builds: nixbuild.Builds) -> Path:
+    """A storegen tree added to /nix/store (root-owned, as Nix makes it); deleted after."""
+    tree = parent / f"noatimefs-builders-{nixbuild.nonce()}"
+    storegen.generate(tree, paths=12, files_per_path=6, seed=17)
+    r = subprocess.run(
+        ["nix-store", "--add", str(tree)],
+        capture_output=True,
+        text=True,
+        env=nixbuild.NIX_ENV,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    builds.made.append(path)
+    return path
+
+
+def run_recipe(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    start = time.monotonic()
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=util.REPO,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    print(f"the recipe's shell block: {time.monotonic() - start:.1f} s")
+    assert r.returncode == 0, f"the recipe failed: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def test_readme_builder_recipe(reader: Path, builds: nixbuild.Builds, world_tmp: Path) -> None:
+    script, qemu = recipe_blocks()
+    assert script.startswith("./dev install\n"), script
+    # QEMU's export path, and the path the recipe binds into every sandbox.
+    exported = re.search(r"-virtfs local,path=([^,\s]+)", qemu)
+    assert exported, qemu
+    assert exported.group(1) == f"{RECIPE_MNT}/self", qemu
+    assert f"extra-sandbox-paths = {RECIPE_MNT}" in script
+
+    nix_conf = world_tmp / "nix"
+    nix_conf.mkdir()
+    if Path("/etc/nix/nix.conf").exists():
+        shutil.copyfile("/etc/nix/nix.conf", nix_conf / "nix.conf")
+    assert "/etc/nix/nix.conf" in script
+    script = script.replace("/etc/nix/nix.conf", str(nix_conf / "nix.conf"))
+    env = {**nixbuild.NIX_ENV, "PATH": "/usr/local/sbin:/usr/local/bin:" + nixbuild.NIX_ENV["PATH"]}
+    state = world_tmp / "units"
+    state.mkdir()
+    real_systemd = units.systemd_running()
+    if not real_systemd:
+        env["PATH"] = f"{units.shim(world_tmp / 'shim', state)}:{env['PATH']}"
+    units.systemd_tool("systemd-escape")
+
+    path = add_store_path(world_tmp, builds)
+    with util.install_lock():
+        there = util.leftovers_of_install() + [str(p) for p in (RECIPE_CONF,) if p.exists()]
+        if there or util.mount_entry(RECIPE_MNT) is not None:
+            pytest.fail(f"already here, not touching it: {there} {util.mount_entry(RECIPE_MNT)}")
+        try:
+            r = run_recipe(script, env)
+            assert "self" in r.stdout.split(), r.stdout  # the last line: ls /run/noatimefs
+            entry = util.mount_entry(RECIPE_MNT)
+            assert entry is not None, f"nothing mounted at {RECIPE_MNT}"
+            assert entry.fstype == "fuse.noatimefs", entry
+            assert entry.source == "/nix/store", entry
+            assert "allow_other" in entry.options, entry
+
+            barrier = make_barrier(world_tmp)
+            start = time.monotonic()
+            outs = builds.build(
+                nixbuild.READERS_NIX,
+                {
+                    "count": str(BUILDS),
+                    "nonce": nixbuild.nonce(),
+                    "dir": f"{exported.group(1)}/{path.name}",
+                    "barrier": BARRIER,
+                    "timeout": str(BARRIER_SECONDS),
+                },
+                [],  # /run/noatimefs comes from nix.conf
+                extra=[
+                    "--option",
+                    "extra-sandbox-paths",
+                    f"{nixbuild.READER_IN_SANDBOX}={reader} {BARRIER}={barrier}",
+                ],
+                env={"NIX_CONF_DIR": str(nix_conf)},
+                max_jobs=BUILDS,
+            )
+            print(f"{BUILDS} builds through the recipe's mount: {time.monotonic() - start:.1f} s")
+            status = json.loads(os.getxattr(RECIPE_MNT, util.STATUS_XATTR))
+        finally:
+            problems = stop_recipe(env, real_systemd, state)
+        assert not problems, problems
+    readings = [nixbuild.parse_reading(out.read_text()) for out in outs]
+    uids = check_readings(readings, path)
+    check_views(status, uids, len(readings[0].files))
+
+
+def stop_recipe(env: dict[str, str], real_systemd: bool, state: Path) -> list[str]:
+    """The recipe undone: the unit stopped, its settings removed, ``./dev uninstall``."""
+    problems = []
+    if real_systemd:
+        r = subprocess.run(
+            ["systemctl", "disable", "--now", RECIPE_UNIT],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode != 0:
+            problems.append(f"systemctl disable --now: {r.stderr}")
+    else:
+        problems += units.stop_all(state)
+    if util.mount_entry(RECIPE_MNT) is not None:
+        problems.append(f"{RECIPE_MNT} still mounted after the unit stopped")
+        problems += util.umount(RECIPE_MNT)
+    with_conf = RECIPE_CONF.exists()
+    RECIPE_CONF.unlink(missing_ok=True)
+    if not with_conf:
+        problems.append(f"the recipe did not write {RECIPE_CONF}")
+    with_dir = RECIPE_MNT.is_dir()
+    if with_dir:
+        RECIPE_MNT.rmdir()  # the unit made it
+    u = util.dev("uninstall")
+    if u.returncode != 0:
+        problems.append(f"./dev uninstall: exit {u.returncode}: {u.stderr}")
+    problems += [f"left after ./dev uninstall: {p}" for p in util.leftovers_of_install()]
+    return problems

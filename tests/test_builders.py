@@ -19,6 +19,14 @@ installed unit's Exec lines as systemd would. The builds then read a store
 path the test adds, through the path the recipe's QEMU line exports, with
 ``/run/noatimefs`` bound only by ``nix.conf``. At the end: the unit stopped,
 ``./dev uninstall``, nothing left.
+
+The end-to-end scenario (marker ``qemu``): a QEMU guest booted *inside* a
+sandboxed build, as the build user, exporting ``/run/noatimefs/self`` over 9p
+(Debian's QEMU, sh and strace bound into the sandbox with ``/usr``, ``/lib``,
+... in place of nixpkgs'; the guest of ``tests/qemu/``, its checks and the
+strace analysis of ``test_qemu.py``): every check passes, every ``O_NOATIME``
+open QEMU makes succeeds at once, in the build user's view. Its control boots
+the same build on the store itself: every file is first refused with ``EPERM``.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ from pathlib import Path
 
 import nixbuild
 import pytest
+import test_qemu
 import units
 import util
+from qemu import guest
 
 from noatimefs import storegen
 
@@ -329,3 +339,119 @@ def stop_recipe(env: dict[str, str], real_systemd: bool, state: Path) -> list[st
         problems.append(f"./dev uninstall: exit {u.returncode}: {u.stderr}")
     problems += [f"left after ./dev uninstall: {p}" for p in util.leftovers_of_install()]
     return problems
+
+
+# --------------------------------------------------------------------------- QEMU in a build
+
+QEMU_NIX = nixbuild.HERE / "qemu-guest.nix"
+#: Debian's QEMU, sh and strace stand in for nixpkgs' (this test has no nixpkgs).
+HOST_TOOLS = ("/bin", "/lib", "/lib64", "/usr")
+GUEST_DIR = "/guest"
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> guest.GuestImage:
+    util.fuse_available()
+    try:
+        return guest.build()
+    except guest.GuestError as exc:
+        pytest.fail(f"cannot build the QEMU guest: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def guest_store() -> Iterator[Path]:
+    with util.unchanged_store("noatimefs-builders-guest-", test_qemu.build_guest_store) as root:
+        yield root
+
+
+def boot_in_build(
+    image: guest.GuestImage, bind: str, work: Path, builds: nixbuild.Builds
+) -> tuple[guest.GuestRun, list[test_qemu.Open]]:
+    """Boot the guest in a sandboxed build, QEMU under strace exporting ``BOUND/self``.
+
+    *bind* (a sandbox path) puts it there: a ``--per-user`` mount at ``BOUND``,
+    or (the control) the store itself at ``BOUND/self``.
+    """
+    # The kernel and initrd where the sandbox's setup (the build user) can reach them.
+    for src in (image.kernel, image.initrd):
+        shutil.copyfile(src, work / src.name)
+        (work / src.name).chmod(0o644)
+    qemu = guest.qemu_argv(
+        Path(GUEST_DIR, image.kernel.name),
+        Path(GUEST_DIR, image.initrd.name),
+        Path(BOUND, "self"),
+        cache="loose",
+    )
+    argv = [*test_qemu.strace_argv(Path("qemu")), *qemu]
+    start = time.monotonic()
+    (out,) = builds.build(
+        QEMU_NIX,
+        {"nonce": nixbuild.nonce(), "argv": json.dumps(argv)},
+        [*HOST_TOOLS, f"{GUEST_DIR}={work}", bind],
+        max_jobs=1,
+        extra=["--option", "timeout", str(int(test_qemu.BOOT_TIMEOUT))],
+    )
+    seconds = time.monotonic() - start
+    print(f"the build that booted the guest: {seconds:.1f} s")
+    console = (out / "console.log").read_text(errors="replace").replace("\r\n", "\n")
+    run = guest.GuestRun(
+        argv=argv,
+        returncode=int((out / "status").read_text()),
+        timed_out=False,
+        console=console,
+        report=guest.parse_console(console),
+        seconds=seconds,
+    )
+    return run, test_qemu.parse_strace(out / "strace" / "qemu")
+
+
+@pytest.mark.qemu
+def test_qemu_guest_booted_inside_a_sandboxed_build(
+    guest_image: guest.GuestImage,
+    guest_store: Path,
+    reader: Path,  # for nixbuild.ensure_nix()
+    builds: nixbuild.Builds,
+    world_tmp: Path,
+) -> None:
+    """The 2019 scenario: QEMU in a build, as the build user, exporting ``…/self`` over 9p."""
+    with util.mounted(guest_store, None, "--per-user", "--owner", "@nixbld", allow_other=True) as m:
+        run, opens = boot_in_build(guest_image, f"{BOUND}={m.path}", world_tmp, builds)
+        status = m.status()
+    test_qemu.assert_guest_ok(run, guest_store)
+
+    # The view QEMU used is the build user's, and QEMU's opens went through it.
+    (uid,) = (int(u) for u in status["views"])
+    assert uid in nixbuild.build_users(), status["views"]
+    view = Path(BOUND, str(uid))
+    exported = test_qemu.below(opens, view)
+    assert exported, f"no opens below {view}: {opens[:20]}"
+    noatime = [o for o in exported if o.noatime]
+    unflagged = set(run.report.sums) - {os.path.relpath(o.path, view) for o in noatime}
+    assert not unflagged, f"files read in the guest without an O_NOATIME open: {unflagged}"
+    failed = [o for o in exported if o.fd < 0 and o.error in ("EPERM", "EACCES")]
+    assert not failed, f"opens refused through noatimefs: {failed}"
+    assert all(o.fd >= 0 for o in noatime), [o for o in noatime if o.fd < 0]
+    qemu_drops = {k: v for k, v in status["dropped_by_process"].items() if "qemu" in k}
+    assert sum(qemu_drops.values()) == len(noatime), (status, len(noatime))
+    assert status["views"][str(uid)]["noatime_dropped"] == len(noatime), status
+    print(f"{len(noatime)} O_NOATIME opens by QEMU as uid {uid}, 0 EPERM; view {status['views']}")
+
+
+@pytest.mark.qemu
+def test_qemu_guest_in_a_build_on_the_source_itself_gets_eperm(
+    guest_image: guest.GuestImage,
+    guest_store: Path,
+    reader: Path,
+    builds: nixbuild.Builds,
+    world_tmp: Path,
+) -> None:
+    """The control: the same build exporting the root-owned store itself."""
+    run, opens = boot_in_build(guest_image, f"{BOUND}/self={guest_store}", world_tmp, builds)
+    test_qemu.assert_guest_ok(run, guest_store)  # QEMU retries without the flag
+    share = Path(BOUND, "self")
+    exported = test_qemu.below(opens, share)
+    refused = [o for o in exported if o.noatime and o.error == "EPERM"]
+    spared = set(run.report.sums) - {os.path.relpath(o.path, share) for o in refused}
+    assert refused, f"no EPERM on O_NOATIME opens of the bare store: {exported[:20]}"
+    assert not spared, f"files read in the guest without an EPERM first: {spared}"
+    print(f"{len(refused)} O_NOATIME opens refused with EPERM on the bare store")

@@ -209,6 +209,14 @@ def recipe_blocks() -> list[str]:
     return blocks
 
 
+def recipe_virtfs() -> list[str]:
+    """``["-virtfs", "local,path=…"]`` from the recipe's QEMU line."""
+    words = recipe_blocks()[1].split()
+    i = words.index("-virtfs")
+    assert words[0] == "qemu-system-x86_64", words
+    return words[i : i + 2]
+
+
 def add_store_path(parent: Path, builds: nixbuild.Builds) -> Path:
     """A storegen tree added to /nix/store (root-owned, as Nix makes it); deleted after."""
     tree = parent / f"noatimefs-builders-{nixbuild.nonce()}"
@@ -246,7 +254,8 @@ def run_recipe(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[
 def test_readme_builder_recipe(reader: Path, builds: nixbuild.Builds, world_tmp: Path) -> None:
     script, qemu = recipe_blocks()
     assert script.startswith("./dev install\n"), script
-    # QEMU's export path, and the path the recipe binds into every sandbox.
+    # QEMU's export path (the QEMU tests below boot a guest with this very -virtfs),
+    # and the path the recipe binds into every sandbox.
     exported = re.search(r"-virtfs local,path=([^,\s]+)", qemu)
     assert exported, qemu
     assert exported.group(1) == f"{RECIPE_MNT}/self", qemu
@@ -382,6 +391,11 @@ def boot_in_build(
         Path(BOUND, "self"),
         cache="loose",
     )
+    # The export as the README's recipe writes it (-virtfs, the short form of -fsdev + -device).
+    fsdev = qemu.index("-fsdev")
+    assert qemu[fsdev + 2] == "-device", qemu
+    qemu[fsdev : fsdev + 4] = virtfs = recipe_virtfs()
+    assert f"path={BOUND}/self," in virtfs[1], virtfs
     argv = [*test_qemu.strace_argv(Path("qemu")), *qemu]
     start = time.monotonic()
     (out,) = builds.build(

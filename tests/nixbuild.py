@@ -47,8 +47,10 @@ NIX_ENV = {
     "NIX_REMOTE": "",
     "LANG": "C.UTF-8",
 }
-#: What every build here passes: sandboxed, local only, several at once.
-NIX_OPTIONS = ("--option", "sandbox", "true", "--option", "substituters", "")
+#: What every build here passes: local only (nothing from a binary cache) ...
+NIX_OPTIONS = ("--option", "substituters", "")
+#: ... and, unless nix.conf is what is tested, sandboxed.
+SANDBOX_OPTION = ("--option", "sandbox", "true")
 
 
 def ensure_nix() -> None:
@@ -224,17 +226,22 @@ class Builds:
         sandbox_paths: Sequence[str],
         *,
         max_jobs: int = 6,
+        sandbox_option: bool = True,
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         timeout: float = 600,
     ) -> list[Path]:
         """``nix-build EXPR --argstr K V ...`` sandboxed with *sandbox_paths*; the outputs.
 
+        Without *sandbox_option* the sandbox is left to ``nix.conf``.
+
         The ``.drv`` files and outputs are remembered for deletion, also when
         the build fails (then :class:`BuildFailed` carries ``nix-store -l``
         of each failed build).
         """
         argv = ["nix-build", "--no-out-link", str(expr), *NIX_OPTIONS]
+        if sandbox_option:
+            argv += SANDBOX_OPTION
         if sandbox_paths:
             argv += ["--option", "sandbox-paths", " ".join(sandbox_paths)]
         argv += ["--max-jobs", str(max_jobs), *extra]

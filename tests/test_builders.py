@@ -72,8 +72,13 @@ def store() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def reader() -> Iterator[Path]:
+def nix() -> None:
+    """nix-build, gcc -static and the build users (installed if missing)."""
     nixbuild.ensure_nix()
+
+
+@pytest.fixture(scope="module")
+def reader(nix: None) -> Iterator[Path]:
     with util.world_tmpdir("noatimefs-reader-") as d:
         start = time.monotonic()
         path = nixbuild.compile_reader(d / "noatimefs-reader")
@@ -90,7 +95,7 @@ def make_barrier(parent: Path) -> Path:
 
 
 @pytest.fixture
-def builds() -> Iterator[nixbuild.Builds]:
+def builds(nix: None) -> Iterator[nixbuild.Builds]:
     yield from nixbuild.nix_builds()
 
 
@@ -300,7 +305,7 @@ def test_readme_builder_recipe(reader: Path, builds: nixbuild.Builds, world_tmp:
                     "barrier": BARRIER,
                     "timeout": str(BARRIER_SECONDS),
                 },
-                [],  # /run/noatimefs comes from nix.conf
+                [],  # the sandbox and /run/noatimefs in it come from the recipe's nix.conf
                 extra=[
                     "--option",
                     "extra-sandbox-paths",
@@ -308,6 +313,7 @@ def test_readme_builder_recipe(reader: Path, builds: nixbuild.Builds, world_tmp:
                 ],
                 env={"NIX_CONF_DIR": str(nix_conf)},
                 max_jobs=BUILDS,
+                sandbox_option=False,
             )
             print(f"{BUILDS} builds through the recipe's mount: {time.monotonic() - start:.1f} s")
             status = json.loads(os.getxattr(RECIPE_MNT, util.STATUS_XATTR))
@@ -423,7 +429,6 @@ def boot_in_build(
 def test_qemu_guest_booted_inside_a_sandboxed_build(
     guest_image: guest.GuestImage,
     guest_store: Path,
-    reader: Path,  # for nixbuild.ensure_nix()
     builds: nixbuild.Builds,
     world_tmp: Path,
 ) -> None:
@@ -455,7 +460,6 @@ def test_qemu_guest_booted_inside_a_sandboxed_build(
 def test_qemu_guest_in_a_build_on_the_source_itself_gets_eperm(
     guest_image: guest.GuestImage,
     guest_store: Path,
-    reader: Path,
     builds: nixbuild.Builds,
     world_tmp: Path,
 ) -> None:

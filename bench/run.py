@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import pwd
+import random
 import shutil
 import signal
 import statistics
@@ -53,11 +54,26 @@ from noatimefs import storegen  # noqa: E402
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
 # Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
 # one task and a request loop that does not park between queued requests.
-EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base")
+EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base", "noatimefs-view")
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
+#: The big top level's workloads (--big-top); ls, glob and lookup also run on the other tree.
+TOP_WORKLOADS = ("ls", "glob", "lookup", "find")
+ALL_WORKLOADS = (*WORKLOADS, "ls", "glob", "lookup")
+TOP_MODES = ("native", "noatimefs", "bindfs-tuned")
 MOUNT_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
+
+# lstat()s each name of a list (relative to the cwd); prints the count, a digest of
+# (name, type, size) and the loop's own time.  Run with Debian's python3.
+LOOKUP_SCRIPT = """
+import hashlib, os, stat, sys, time
+names = open(sys.argv[1]).read().split("\\n")[:-1]
+t0 = time.perf_counter()
+seen = [(n, stat.S_IFMT(st.st_mode), st.st_size) for n in names for st in (os.lstat(n),)]
+dt = time.perf_counter() - t0
+print(len(seen), hashlib.sha256(repr(sorted(seen)).encode()).hexdigest()[:16], dt)
+"""
 
 # Opens N files (cycling through a list of paths relative to the cwd) and closes
 # them; prints the count and the loop's own time.  Run with Debian's python3.
@@ -84,6 +100,11 @@ class Scale:
 
 FULL = Scale(paths=3000, files_per_path=12, big_files=2, big_size=512 << 20, opens=20000, reps=3)
 SMALL = Scale(paths=120, files_per_path=8, big_files=2, big_size=8 << 20, opens=2000, reps=3)
+#: --big-top: store paths of one directory with two empty files each (5% are a single file).
+TOP_FULL_PATHS, TOP_SMALL_PATHS = 200_000, 2_000
+TOP_SHAPE = (1, 2)
+#: Store paths the lookup workload stats by name (fewer if the tree has fewer).
+LOOKUPS = 10_000
 
 
 # ---------------------------------------------------------------- mounts
@@ -102,9 +123,14 @@ def mounted(mountpoint: str) -> bool:
 @dataclasses.dataclass
 class Mount:
     mode: str
-    root: str
+    root: str  # where the workloads run
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    mnt: str = ""  # the mountpoint, when the workloads run below it (a per-user view)
+
+    @property
+    def mountpoint(self) -> str:
+        return self.mnt or self.root
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +162,8 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
     uid = str(pwd.getpwnam(owner).pw_uid)
     if mode in ("noatimefs", "noatimefs-base"):  # the latter started in --base (daemon_cwd)
         return [sys.executable, "-m", "noatimefs", "--owner", owner, "--allow-other", source, mnt]
+    if mode == "noatimefs-view":  # --per-user; the workloads run in MNT/<owner's uid>
+        return [sys.executable, "-m", "noatimefs", "--per-user", "--allow-other", source, mnt]
     if mode == "noatimefs-plain":  # pyfuse3's own request loop (noatimefs/loop.py off)
         plain = ["--plain-loop", "--owner", owner, "--allow-other"]
         return [sys.executable, "-m", "noatimefs", *plain, source, mnt]
@@ -199,8 +227,10 @@ def start_mount(
             cwd=daemon_cwd(mode, base),
         )
     m = Mount(mode, str(mnt), proc, log)
+    if mode == "noatimefs-view":
+        m.mnt, m.root = str(mnt), str(mnt / str(pwd.getpwnam(owner).pw_uid))
     deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not mounted(str(mnt)):
+    while not mounted(m.mountpoint):
         if proc.poll() is not None:
             stop_mount(m)
             raise MountError(f"{mode} exited with {proc.returncode}:\n{m.log_tail()}")
@@ -216,10 +246,10 @@ def stop_mount(m: Mount) -> None:
     if m.proc is None:
         return
     try:
-        if mounted(m.root):
-            r = subprocess.run(["fusermount3", "-u", m.root], capture_output=True)
-            if r.returncode != 0 and mounted(m.root):
-                subprocess.run(["umount", "-l", m.root], capture_output=True)
+        if mounted(m.mountpoint):
+            r = subprocess.run(["fusermount3", "-u", m.mountpoint], capture_output=True)
+            if r.returncode != 0 and mounted(m.mountpoint):
+                subprocess.run(["umount", "-l", m.mountpoint], capture_output=True)
     finally:
         try:
             m.proc.wait(STOP_TIMEOUT)
@@ -231,7 +261,7 @@ def stop_mount(m: Mount) -> None:
                 m.proc.kill()
                 m.proc.wait()
         with contextlib.suppress(OSError):
-            os.rmdir(m.root)
+            os.rmdir(m.mountpoint)
 
 
 # ---------------------------------------------------------------- workloads
@@ -248,13 +278,23 @@ class Outcome:
 class Workloads:
     """Each workload runs as the consumer in the mount root and returns an Outcome."""
 
-    def __init__(self, summary: storegen.Summary, owner: str, opens: int, listfile: str) -> None:
+    def __init__(
+        self,
+        summary: storegen.Summary,
+        owner: str,
+        opens: int,
+        listfile: str,
+        lookupfile: str = "",
+        glob: str = "*",
+    ) -> None:
         pw = pwd.getpwnam(owner)
         self.as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
         self.big = summary.big_files
         self.big_top = "./" + summary.big_files[0].split("/")[0] if summary.big_files else ""
         self.opens = opens
         self.listfile = listfile
+        self.lookupfile = lookupfile
+        self.pattern = glob
 
     def _run(self, root: str, argv: list[str]) -> tuple[float, bytes, bytes]:
         t0 = time.perf_counter()
@@ -313,6 +353,21 @@ class Workloads:
         _, out, _ = self._run(root, cmd)
         n, dt = out.split()
         return Outcome(float(dt), n.decode(), f"{n.decode()} opens")
+
+    def ls(self, root: str) -> Outcome:
+        # -U: in directory order, nothing sorted; -A: not . and .. (a FUSE mount may omit them).
+        dt, out, _ = self._run(root, ["ls", "-A", "-U"])
+        return self._listing(dt, out)
+
+    def glob(self, root: str) -> Outcome:
+        dt, out, _ = self._run(root, ["sh", "-c", f"printf '%s\\n' {self.pattern}"])
+        return self._listing(dt, out)
+
+    def lookup(self, root: str) -> Outcome:
+        cmd = ["/usr/bin/python3", "-c", LOOKUP_SCRIPT, self.lookupfile]
+        _, out, _ = self._run(root, cmd)
+        n, digest, dt = out.split()
+        return Outcome(float(dt), f"{n.decode()} {digest.decode()}", f"{n.decode()} lstat")
 
     def get(self, name: str) -> Callable[[str], Outcome]:
         fn: Callable[[str], Outcome] = getattr(self, name)
@@ -427,8 +482,13 @@ def targets(runs: list[Run], modes: Sequence[str]) -> str:
             for w in ("find", "stat", "open20k")
             for c in ("cold", "warm")
         ),
+        # issue 15's (a big top level)
+        *((w, "warm", "bindfs-tuned", 1.5) for w in ("ls", "glob")),
+        *(("lookup", c, "bindfs-tuned", 1.2) for c in ("cold", "warm")),
     ]:
         if ref not in modes:
+            continue
+        if not any(r.workload == w for r in runs):
             continue
         mine, theirs = med(w, c, "noatimefs"), med(w, c, ref)
         if mine != mine or theirs != theirs:
@@ -438,6 +498,12 @@ def targets(runs: list[Run], modes: Sequence[str]) -> str:
         what = "faster than" if limit == 1.0 else f"within {limit}× of"
         lines.append(f"- {w} {c}: {ratio:.2f}× {ref} (target: {what} {ref}): {verdict}")
     return "\n".join(lines)
+
+
+def shape(args: argparse.Namespace) -> str:
+    if args.dirs_per_path is None:
+        return f" (storegen's layout, about {args.files_per_path} files each)"
+    return f" of {args.dirs_per_path} directories × {args.files_per_dir} entries"
 
 
 def environment(
@@ -464,7 +530,7 @@ def environment(
             f"- noatimefs: git {out(describe)}; "
             f"pyfuse3 {pyfuse3.__version__}; {out(['bindfs', '--version'])}",
             *base,
-            f"- tree: {summary.paths} store paths, {summary.entries} entries "
+            f"- tree: {summary.paths} store paths{shape(args)}, {summary.entries} entries "
             f"({summary.files} files, {summary.dirs} dirs, {summary.symlinks} symlinks), "
             f"{summary.bytes >> 20} MiB; big files {len(summary.big_files)} × "
             f"{summary.big_size >> 20} MiB; seed {summary.seed}",
@@ -533,11 +599,36 @@ def file_list(summary: storegen.Summary, listfile: Path) -> Path:
     return listfile
 
 
+def top_level(summary: storegen.Summary, lookupfile: Path, seed: int) -> tuple[Path, str]:
+    """Write (once) the store paths the lookup workload stats; and the glob's pattern.
+
+    The pattern matches one store path whatever its name: ``*`` and the rest of
+    its name after the first 8 characters of the hash.
+    """
+    top = sorted(os.listdir(summary.dest))
+    if not lookupfile.exists():
+        chosen = random.Random(seed).sample(top, min(LOOKUPS, len(top)))
+        tmp = lookupfile.with_suffix(".tmp")
+        tmp.write_text("".join(n + "\n" for n in chosen))
+        tmp.replace(lookupfile)
+    lookupfile.chmod(0o644)
+    return lookupfile, "*" + top[len(top) // 2][8:]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="small scale (what `make bench` runs)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, native first")
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument(
+        "--big-top",
+        action="store_true",
+        help="the big top-level tree (200,000 store paths; --small: 2,000) and its workloads "
+        f"({','.join(TOP_WORKLOADS)}), modes {','.join(TOP_MODES)} unless --modes",
+    )
+    p.add_argument("--modes", help=f"comma-separated, native first (default {','.join(MODES)})")
+    p.add_argument(
+        "--workloads",
+        help=f"default {','.join(WORKLOADS)}; also ls,glob,lookup",
+    )
     p.add_argument(
         "--require", default="", help="modes that must mount (default: all but noatimefs)"
     )
@@ -546,6 +637,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--owner", default="nobody", help="consumer user (default nobody)")
     p.add_argument("--paths", type=int)
     p.add_argument("--files-per-path", type=int)
+    p.add_argument(
+        "--dirs-per-path",
+        type=int,
+        help="the tree's shape: directories per store path (with --files-per-dir; "
+        "default: storegen's own layout, --files-per-path files per path)",
+    )
+    p.add_argument("--files-per-dir", type=int, help="the tree's shape: entries per directory")
     p.add_argument("--big-size", type=int, help="bytes per big file")
     p.add_argument("--opens", type=int, help="open/close calls (default 20000; small: 2000)")
     p.add_argument("--seed", type=int, default=1)
@@ -559,6 +657,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     scale = SMALL if args.small else FULL
+    if (args.dirs_per_path is None) != (args.files_per_dir is None):
+        p.error("--dirs-per-path and --files-per-dir go together")
+    if args.big_top:
+        args.modes = args.modes or ",".join(TOP_MODES)
+        args.workloads = args.workloads or ",".join(TOP_WORKLOADS)
+        args.paths = args.paths or (TOP_SMALL_PATHS if args.small else TOP_FULL_PATHS)
+        if args.dirs_per_path is None:
+            args.dirs_per_path, args.files_per_dir = TOP_SHAPE
+        scale = dataclasses.replace(scale, big_files=0)
+    args.modes = args.modes or ",".join(MODES)
+    args.workloads = args.workloads or ",".join(WORKLOADS)
     args.paths = args.paths or scale.paths
     args.files_per_path = args.files_per_path or scale.files_per_path
     args.big_size = args.big_size or scale.big_size
@@ -575,19 +684,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     workloads = [w for w in args.workloads.split(",") if w]
-    unknown = set(modes) - set(MODES) - set(EXTRA_MODES) | set(workloads) - set(WORKLOADS)
+    unknown = set(modes) - set(MODES) - set(EXTRA_MODES) | set(workloads) - set(ALL_WORKLOADS)
     if unknown:
         print(f"bench: error: unknown mode or workload: {sorted(unknown)}", file=sys.stderr)
         return 2
     required = set(args.require.split(",")) - {""} if args.require else set(modes) - OPTIONAL_MODES
 
-    gen = {
+    gen: dict[str, int] = {
         "paths": args.paths,
         "files_per_path": args.files_per_path,
         "big_files": args.big_files,
         "big_size": args.big_size,
         "seed": args.seed,
     }
+    if args.dirs_per_path is not None:  # (the default layout's trees keep their cache key)
+        gen |= {"dirs_per_path": args.dirs_per_path, "files_per_dir": args.files_per_dir}
+    if args.big_top:
+        gen["max_file_size"] = 0  # metadata only
     key = tree_key(gen)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -598,9 +711,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"tree: {summary.dest} ({summary.entries} entries, {time.monotonic() - t:.1f}s)",
         file=sys.stderr,
     )
-    listfile = file_list(summary, cache / f"tree-{key}.files")
+    listfile = cache / f"tree-{key}.files"
+    if "open20k" in workloads:
+        file_list(summary, listfile)
+    lookupfile, pattern = top_level(summary, cache / f"tree-{key}.lookup", args.seed)
 
-    wl = Workloads(summary, args.owner, args.opens, str(listfile))
+    wl = Workloads(summary, args.owner, args.opens, str(listfile), str(lookupfile), pattern)
     caches = ["warm"] if args.no_cold else ["cold", "warm"]
     runs: list[Run] = []
     expected: dict[str, Outcome] = {}
@@ -651,7 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     live = [m for m in modes if m not in failed_mounts]
     report = "\n".join(
         [
-            f"# noatimefs benchmark ({'small' if args.small else 'full'})",
+            f"# noatimefs benchmark ({'small' if args.small else 'full'}"
+            f"{', big top level' if args.big_top else ''})",
             "",
             environment(summary, args, live, f"{load0:.1f}, {os.getloadavg()[0]:.1f}"),
             *(f"- {m}: did not mount; skipped" for m in failed_mounts),
@@ -660,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             ratio_matrix(runs, live, workloads),
             "",
-            "## Issue 4's targets for noatimefs (the last block is the moonshot)",
+            "## Issues 4 and 15's targets for noatimefs",
             "",
             targets(runs, live),
             "",

@@ -9,8 +9,8 @@ attributes (``--timeout``), in a cache bounded by its total number of entries.
 A listing is only served for the directory it was made from: the caller passes
 the directory's current ``st_ctime_ns`` as known to the inode table, and a
 listing made from another incarnation (a recycled inode number) is a miss.
-SOURCE's top level is never cached: paths come and go there, and a new one
-must be listed at once.
+SOURCE's top level is not kept here: paths come and go there, and it is kept
+by :mod:`noatimefs.toplevel`, right by the inotify watch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-Key = tuple[int, ...]  # a directory's identity (with its view's tag)
+Key = tuple[int, int]
 E = TypeVar("E")
 
 

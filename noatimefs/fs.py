@@ -23,13 +23,21 @@ Caveats
 Concurrency contract
 --------------------
 pyfuse3 runs each request as a trio task. The only ``await`` in a handler is
-the hand-off of a read that would block on the disk to a worker thread (it
-calls :func:`noatimefs.loop.hand_off` first, so that another task reads the
-next requests meanwhile); every other handler runs to completion without
+the hand-off of slow work to a worker thread: a read that would block on the
+disk, and the listing of SOURCE's top level when none is kept (both call
+:func:`noatimefs.loop.hand_off` first, so that another task reads the next
+requests meanwhile); every other handler runs to completion without
 yielding, so the inode table, the handle tables and the counters are never
-seen half-updated and need no lock. A read awaiting its thread holds only its
-own descriptor, which cannot be closed under it: the kernel sends ``release``
-only after every read on the handle has been answered.
+seen half-updated and need no lock. The thread touches no daemon state: a read
+awaiting its thread holds only its own descriptor, which cannot be closed
+under it (the kernel sends ``release`` only after every read on the handle has
+been answered); the top-level listing is built in the thread and handed to
+:mod:`noatimefs.toplevel`, which applies the changes seen meanwhile.
+
+Listings: ``opendir`` only checks the caller's access; the first ``readdir``
+of a handle takes the listing (kept, or made then) and the handle serves that
+same list to its end. Kept listings hold facts of SOURCE only; readdir
+presents them per request (:mod:`noatimefs.listing`).
 """
 
 from __future__ import annotations
@@ -52,12 +60,13 @@ import psutil
 import pyfuse3
 import trio
 
-from noatimefs import loop, policy, procinfo
+from noatimefs import listing, loop, policy, procinfo
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
+from noatimefs.toplevel import TopLevel
 from noatimefs.views import Allow, View, consumer_for_uid, parse_uid
 from noatimefs.walkahead import WalkAhead
 from noatimefs.watch import (
@@ -104,20 +113,20 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-#: A listed entry: its name, backing identity, and the attributes readdir sends.
-_Listed = tuple[bytes, tuple[int, int], pyfuse3.EntryAttributes]
-
-
 @dataclass(slots=True)
 class _FileHandle:
     node: Node
     size: int  # the file's size when it was opened
 
 
-@dataclass
+@dataclass(slots=True)
 class _DirHandle:
     node: Node
-    entries: list[_Listed]
+    fd: int  # open for reading on the directory (-1 for SOURCE's root: root_fd is used)
+    ctime_ns: int  # of the directory when it was opened
+    entries: list[listing.Entry] | None = None  # listed at the first readdir
+    #: With --per-user, the mount root's own listing: self and the views.
+    root_entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
 
 
 class NoatimeFS(pyfuse3.Operations):
@@ -151,7 +160,9 @@ class NoatimeFS(pyfuse3.Operations):
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
         self.stats = Stats()
-        self.dir_cache: DirCache[_Listed] = DirCache(timeout)
+        self.dir_cache: DirCache[listing.Entry] = DirCache(timeout)
+        self.top = TopLevel(source.root_fd, timeout)
+        self._watch: TopLevelWatch | None = None  # while background() runs
         self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.read_ahead = ReadAhead(source)
         self.walk_ahead = WalkAhead(source.root_fd)
@@ -414,9 +425,9 @@ class NoatimeFS(pyfuse3.Operations):
         if len(self._read_ahead_at) >= 100_000:
             self._read_ahead_at.clear()
         self._read_ahead_at[parent.key] = now
-        listing = self.dir_cache.peek(self._listing_key(parent))
-        if listing is not None:
-            entries = [(name, attr.st_mode, attr.st_size) for name, _, attr in listing.entries]
+        kept = self.dir_cache.peek(parent.key)
+        if kept is not None:
+            entries = [(e[0], e[2], e[5].st_size) for e in kept.entries]
             self.read_ahead.want(siblings(entries, parent.path(), node.name))
         # A caller reading a store path's small files cold reads the next ones too, most
         # likely (a tar of a closure, a VM booting); one reading a big file, not so.
@@ -443,77 +454,84 @@ class NoatimeFS(pyfuse3.Operations):
     ) -> pyfuse3.FileHandleT:
         if inode == ROOT_ID and self.per_user is not None:
             return self._open_user_root(ctx)
+        # Nothing is listed yet (a caller may open a directory and never read it: GNU find
+        # opens ".." to climb back). A fresh stat: the access re-check uses SOURCE's mode
+        # of now, and the first readdir the ctime the listing cache is checked against.
         node = self._node(inode)
-        # A fresh stat of the directory: the access re-check below and the cached
-        # listing's validity use SOURCE's mode and ctime of now.
         with _errors():
-            fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                listing = None
-                top = node.parent is None
-                if not top:
-                    listing = self.dir_cache.get(self._listing_key(node), dir_st.st_ctime_ns)
-                if listing is not None:
-                    entries = listing.entries
-                else:
-                    view = node.view
-                    entries = [
-                        (name, key, self._attributes(st, ids(key, view.tag), 0, view.consumer))
-                        for ids in (self.inodes.node_id,)
-                        for name, st in self._list(fd)
-                        for key in ((st.st_dev, st.st_ino),)
-                    ]
-                    self.inodes.refresh(node, dir_st)
-                    if not top:
-                        self.dir_cache.put(self._listing_key(node), dir_st.st_ctime_ns, entries)
-            finally:
-                os.close(fd)
+            if node.parent is None:
+                fd, dir_st = -1, os.fstat(self.source.root_fd)
+            else:
+                fd, dir_st = self._open_node(node, os.O_RDONLY | os.O_DIRECTORY)
         if not self._may(policy.R_OK, dir_st, ctx):
+            if fd >= 0:
+                os.close(fd)
             raise pyfuse3.FUSEError(errno.EACCES)
-        if node.parent is not None and node.parent.parent is None and listing is None:
-            self.walk_ahead.want(node.name)  # a walk of the store may follow
+        self.inodes.refresh(node, dir_st)
         fh = next(self._dir_ids)
         node.opens += 1
-        self.dirs[fh] = _DirHandle(node, entries)
+        self.dirs[fh] = _DirHandle(node, fd, dir_st.st_ctime_ns)
         return pyfuse3.FileHandleT(fh)
-
-    @staticmethod
-    def _list(fd: int) -> list[tuple[bytes, os.stat_result]]:
-        """Names and lstat results of the directory open on *fd*, in readdir order."""
-        entries = []
-        with os.scandir(fd) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed since it was listed
-                entries.append((os.fsencode(entry.name), st))
-        return entries
 
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
         handle = self.dirs[fh]
-        parent = handle.node
-        if parent is self.inodes.root and self.per_user is not None:
+        if handle.node is self.inodes.root and self.per_user is not None:
             return self._read_user_root(handle, start_id, token)
         entries = handle.entries
-        inodes = self.inodes
-        tag = parent.view.tag
-        for index in range(start_id, len(entries)):
-            name, key, attr = entries[index]
-            mode, ctime_ns = attr.st_mode, attr.st_ctime_ns
-            _, gen = inodes.peek(key, mode, ctime_ns, tag)
-            if attr.generation != gen:
-                attr.generation = gen
-            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
-                break  # not sent: the table must not learn of it
-            inodes.remember_key(parent, name, key, mode, ctime_ns)
+        if entries is None:
+            if handle.node.parent is None:
+                entries = await self._top_listing()
+            else:
+                entries = self._listing(handle)
+            handle.entries = entries
+        node = handle.node
+        listing.reply(token, node, entries, start_id, node.view.consumer, self.inodes)
+
+    def _listing(self, handle: _DirHandle) -> list[listing.Entry]:
+        """The listing of a directory below the top level: cached, or made now."""
+        node = handle.node
+        cached = self.dir_cache.get(node.key, handle.ctime_ns)
+        if cached is not None:
+            return cached.entries
+        with _errors():
+            entries = listing.list_dir(handle.fd, self.timeout)
+        self.dir_cache.put(node.key, handle.ctime_ns, entries)
+        if node.parent is not None and node.parent.parent is None:
+            self.walk_ahead.want(node.name)  # a walk of the store may follow
+        return entries
+
+    async def _top_listing(self) -> list[listing.Entry]:
+        """SOURCE's top-level listing: kept (see :mod:`noatimefs.toplevel`), or made now.
+
+        Made in a worker thread, and another task reads requests meanwhile: a cold
+        listing of 10⁵ paths waits for the disk at every inode, and must not stall
+        the other callers.
+        """
+        self._top_events()  # every change made before this request, applied
+        entries = self.top.entries()
+        if entries is not None:
+            return entries
+        build = self.top.begin()
+        loop.hand_off()
+        with _errors():
+            entries = await trio.to_thread.run_sync(self._list_top)
+        return self.top.install(build, entries)
+
+    def _list_top(self) -> list[listing.Entry]:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.source.root_fd)
+        try:
+            return listing.list_dir(fd, self.timeout)
+        finally:
+            os.close(fd)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.dirs.pop(fh, None)
         if handle is not None:
             handle.node.opens -= 1
+            if handle.fd >= 0:
+                os.close(handle.fd)
 
     # -- extended attributes ---------------------------------------------
 
@@ -556,15 +574,17 @@ class NoatimeFS(pyfuse3.Operations):
 
     # -- views and the per-user root ------------------------------------
 
-    def _listing_key(self, node: Node) -> tuple[int, int, int]:
-        return (node.view.tag, *node.key)
+    def _view(self, uid: int, caller_uid: int) -> View | None:
+        """The view of *uid*; None if there is none for *caller_uid* to enter.
 
-    def _view(self, uid: int) -> View | None:
-        """The view of *uid*, made on its first use; None if *uid* may not have one."""
+        A view is made on its first lookup by its own uid (or root): anyone may
+        enter a view that exists, as anyone may reach a ``--owner`` mount, but
+        nobody can make the daemon hold views for uids that never came.
+        """
         view = self.views.get(uid)
         if view is None:
             assert self.per_user is not None
-            if not self.per_user.admits(uid):
+            if caller_uid not in (0, uid) or not self.per_user.admits(uid):
                 return None
             view = View(consumer_for_uid(uid), tag=len(self.views) + 1)
             self.views[uid] = view
@@ -577,7 +597,7 @@ class NoatimeFS(pyfuse3.Operations):
         if name == SELF_NAME:
             return self._user_root_entry(SELF_ID, ctx)
         uid = parse_uid(name)
-        view = None if uid is None else self._view(uid)
+        view = None if uid is None else self._view(uid, ctx.uid)
         if view is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         with _errors():
@@ -607,22 +627,22 @@ class NoatimeFS(pyfuse3.Operations):
 
     def _open_user_root(self, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         """A listing of the per-user root: ``self`` and the views the kernel knows."""
-        entries: list[_Listed] = [(SELF_NAME, (0, 0), self._user_root_entry(SELF_ID, ctx))]
+        entries = [(SELF_NAME, self._user_root_entry(SELF_ID, ctx))]
         with _errors():
             st = os.stat(self.source.root_fd)
         for uid, view in sorted(self.views.items()):
             if view.root is not None and view.root.nlookup > 0:
-                attr = self._entry(view.root, st)
-                entries.append((str(uid).encode(), view.root.key, attr))
+                entries.append((str(uid).encode(), self._entry(view.root, st)))
         fh = next(self._dir_ids)
-        self.dirs[fh] = _DirHandle(self.inodes.root, entries)
+        self.dirs[fh] = _DirHandle(self.inodes.root, -1, 0, root_entries=entries)
         return pyfuse3.FileHandleT(fh)
 
     def _read_user_root(
         self, handle: _DirHandle, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        for index in range(start_id, len(handle.entries)):
-            name, _, attr = handle.entries[index]
+        entries = handle.root_entries or []
+        for index in range(start_id, len(entries)):
+            name, attr = entries[index]
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 break
             view = self.views.get(parse_uid(name) or -1) if name != SELF_NAME else None
@@ -640,14 +660,8 @@ class NoatimeFS(pyfuse3.Operations):
 
         Started by :mod:`noatimefs.mount` beside the request loop, once mounted.
         """
-        try:
-            watch = TopLevelWatch(self.source.root_fd)
-        except OSError as exc:
-            log.warning(
-                "cannot watch SOURCE's top level (%s): removed paths stay visible for up to %gs",
-                exc.strerror,
-                self.timeout,
-            )
+        watch = self.start_watch()
+        if watch is None:
             return
         # A busy request loop must not keep a change of SOURCE waiting.
         loop.wake_on(watch.fd)
@@ -656,11 +670,40 @@ class NoatimeFS(pyfuse3.Operations):
                 nursery.start_soon(self._purge_listings)
                 while True:
                     await trio.lowlevel.wait_readable(watch.fd)
-                    for event in watch.read():
-                        self.on_top_level_event(event)
+                    self._top_events()
         finally:
             loop.forget(watch.fd)
-            watch.close()
+            self.stop_watch()
+
+    def start_watch(self) -> TopLevelWatch | None:
+        """Watch SOURCE's top level: from now on its listing may be kept (None: cannot)."""
+        try:
+            self._watch = TopLevelWatch(self.source.root_fd)
+        except OSError as exc:
+            log.warning(
+                "cannot watch SOURCE's top level (%s): removed paths stay visible for up to "
+                "%gs, and the top level is listed afresh for every caller",
+                exc.strerror,
+                self.timeout,
+            )
+            return None
+        self.top.watching = True
+        return self._watch
+
+    def stop_watch(self) -> None:
+        self.top.watching = False
+        self.top.drop()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    def _top_events(self) -> None:
+        """Handle every event queued on the top-level watch now."""
+        if self._watch is None:
+            return
+        while events := self._watch.read():
+            for event in events:
+                self.on_top_level_event(event)
 
     async def _purge_listings(self) -> None:
         """Drop expired directory listings now and then, so an idle daemon shrinks."""
@@ -672,10 +715,14 @@ class NoatimeFS(pyfuse3.Operations):
     def on_top_level_event(self, event: Event) -> None:
         if event.mask & IN_Q_OVERFLOW:
             log.warning("inotify queue overflowed: invalidating every top-level entry")
+            self.top.drop()
             for node in list(self.inodes):
                 if node.parent is not None and node.parent.parent is None:
                     self._invalidate_top(node.name, node.parent)
-        elif event.mask & (GONE | IN_ATTRIB) and event.name:
+            return
+        if event.name:
+            self.top.changed(event.name)  # whatever happened to it: list it again
+        if event.mask & (GONE | IN_ATTRIB) and event.name:
             self._invalidate_top(event.name)
         elif event.mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             log.warning("SOURCE %s itself was removed or moved away", self.source.path)
@@ -713,6 +760,9 @@ class NoatimeFS(pyfuse3.Operations):
             "listing_cache_entries": len(self.dir_cache),
             "listing_cache_hits": self.dir_cache.hits,
             "listing_cache_misses": self.dir_cache.misses,
+            "top_level_entries": len(self.top),
+            "top_level_listed": self.top.listed,
+            "top_level_updated": self.top.updated,
             "read_ahead_files": self.read_ahead.files,
             "read_ahead_dropped": self.read_ahead.dropped,
             "walk_ahead_named": self.walk_ahead.named,

@@ -261,6 +261,57 @@ def _make_path(
     return entry
 
 
+#: Directory names of a shaped store path (see :func:`_make_shaped_path`).
+_SHAPED_DIRS = ("bin", "lib", "share", "include", "libexec", "etc", "doc", "man")
+
+
+def _make_shaped_path(
+    w: _Writer, dest: str, seed: int, i: int, shape: tuple[int, int], names: Sequence[str]
+) -> str:
+    """Store path ``i`` with ``shape`` = (directories, files per directory); its name.
+
+    The store path's own directory and ``shape[0] - 1`` more, each below a
+    random earlier one; ``shape[1]`` entries in each, about 5% of them symlinks to
+    a sibling file; about 5% of store paths are a single file; some links to
+    earlier store paths, as in :func:`_make_path`.
+    """
+    dirs_per_path, files_per_dir = shape
+    rng = random.Random(f"{seed}:{i}:shaped")
+    name = rng.choice(_NAMES)
+    h = store_hash(seed, i)
+    if i > 0 and rng.random() < 0.05:
+        entry = f"{h}-{rng.choice(_SINGLE_FILE_NAMES)}"
+        w.file(os.path.join(dest, entry), _small_size(rng), rng.getrandbits(32))
+        w.s.paths += 1
+        return entry
+    version = f"{rng.randrange(0, 10)}.{rng.randrange(0, 30)}.{rng.randrange(0, 10)}"
+    entry = f"{h}-{name}-{version}"
+    dirs = [os.path.join(dest, entry)]
+    w.dir(dirs[0])
+    for k in range(1, dirs_per_path):
+        parent = dirs[rng.randrange(len(dirs))]
+        sub = _SHAPED_DIRS[k % len(_SHAPED_DIRS)] + (str(k) if k >= len(_SHAPED_DIRS) else "")
+        dirs.append(os.path.join(parent, sub))
+        w.dir(dirs[-1])
+    for d in dirs:
+        executable = os.path.basename(d).startswith("bin")
+        for k in range(files_per_dir):
+            path = os.path.join(d, f"{name}-{k}")
+            if k and rng.random() < 0.05:
+                w.link(f"{name}-{k - 1}", path)
+            else:
+                w.file(path, _small_size(rng), rng.getrandbits(32), executable=executable)
+    for _ in range(rng.randrange(0, 3) if i and dirs_per_path > 1 else 0):
+        j = rng.randrange(0, i)
+        link = os.path.join(dirs[1], f"dep-{j}")
+        if not os.path.lexists(link):
+            w.link(f"../../{names[j]}", link)  # dirs[1] is a child of the store path
+    for d in reversed(dirs):
+        os.chmod(d, 0o555)
+    w.s.paths += 1
+    return entry
+
+
 def _make_big(w: _Writer, dest: str, seed: int, count: int, size: int) -> None:
     h = store_hash(seed, -1)
     top = os.path.join(dest, f"{h}-{BIG_NAME}-1.0")
@@ -300,6 +351,8 @@ def generate(
     seed: int = 0,
     entries: int | None = None,
     max_file_size: int | None = None,
+    dirs_per_path: int | None = None,
+    files_per_dir: int | None = None,
 ) -> Summary:
     """Generate a store-like tree in ``dest`` (created if missing; must be empty).
 
@@ -309,7 +362,15 @@ def generate(
     With ``entries``, stop adding store paths once at least that many entries
     exist (``paths`` is then ignored).  ``max_file_size`` caps the small
     files (0: all empty, for metadata-only trees; names and layout unchanged).
+    ``dirs_per_path`` and ``files_per_dir`` (both, or neither) choose another shape of
+    store path: that many directories, each with that many entries
+    (``files_per_path`` is then ignored; see :func:`_make_shaped_path`).
     """
+    shape = None
+    if dirs_per_path is not None or files_per_dir is not None:
+        if not (dirs_per_path and dirs_per_path >= 1 and files_per_dir is not None):
+            raise ValueError("dirs_per_path >= 1 and files_per_dir are given together")
+        shape = (dirs_per_path, files_per_dir)
     t0 = time.monotonic()
     dest_s = os.fspath(dest)
     os.makedirs(dest_s, exist_ok=True)
@@ -323,7 +384,10 @@ def generate(
     try:
         i = 0
         while (summary.entries < entries) if entries is not None else (i < paths):
-            names.append(_make_path(w, dest_s, seed, i, files_per_path, names))
+            if shape is None:
+                names.append(_make_path(w, dest_s, seed, i, files_per_path, names))
+            else:
+                names.append(_make_shaped_path(w, dest_s, seed, i, shape, names))
             i += 1
         if big_files:
             _make_big(w, dest_s, seed, big_files, big_size)
@@ -393,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--big-files", type=int, default=0, help="number of big files")
     p.add_argument("--big-size", type=_size, default=DEFAULT_BIG_SIZE, help="e.g. 512M")
     p.add_argument("--max-file-size", type=_size, help="cap small files (0: empty files)")
+    p.add_argument("--dirs-per-path", type=int, help="another shape: directories per path")
+    p.add_argument("--files-per-dir", type=int, help="another shape: entries per directory")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -405,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             entries=args.entries,
             max_file_size=args.max_file_size,
+            dirs_per_path=args.dirs_per_path,
+            files_per_dir=args.files_per_dir,
         )
     except OSError as e:
         print(f"storegen: error: {e}", file=sys.stderr)

@@ -4,8 +4,10 @@ A store's contents do not change once a path is registered; what changes is
 the set of top-level entries (paths added, moved into place, collected). The
 kernel may cache entries and attributes for a long time, so the daemon watches
 the top level and tells the kernel to forget a name the moment it is deleted,
-moved away or replaced. New names need nothing: the daemon never lets the
-kernel cache a negative entry, and readdir is never cached.
+moved away or replaced. New names need nothing in the kernel: the daemon never
+lets it cache a negative entry. The daemon's own top-level listing
+(:mod:`noatimefs.toplevel`) is kept right by every event that names an entry:
+created, deleted, moved in or out, attributes or data changed.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
-#: The events that make a cached top-level name wrong.
+#: The events that make a name the kernel caches wrong.
 GONE = IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-MASK = GONE | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+#: What the top-level watch asks for: also new names and changed data, for the listing.
+MASK = GONE | IN_CREATE | IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 
 _HEADER = struct.Struct("iIII")
 _libc = ctypes.CDLL(None, use_errno=True)

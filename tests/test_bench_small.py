@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +101,22 @@ def test_storegen_entries_and_cache(scratch: Path) -> None:
         storegen.generate(scratch / "t")
 
 
+def test_storegen_shape_is_deterministic(scratch: Path) -> None:
+    a = storegen.generate(scratch / "a", paths=30, dirs_per_path=4, files_per_dir=3, seed=2)
+    storegen.generate(scratch / "b", paths=30, dirs_per_path=4, files_per_dir=3, seed=2)
+    assert _listing(scratch / "a") == _listing(scratch / "b")
+    singles = sum(1 for n in os.listdir(scratch / "a") if (scratch / "a" / n).is_file())
+    assert a.paths == 30
+    assert a.dirs == (30 - singles) * 4
+    deps = sum(1 for e in _listing(scratch / "a") if "/dep-" in e[0])  # links to other paths
+    assert a.files + a.symlinks - deps == (30 - singles) * 4 * 3 + singles
+    for path, _mode, _size, target, _ in _listing(scratch / "a"):
+        if target:  # every link resolves inside the tree
+            assert (scratch / "a" / path).resolve().exists(), (path, target)
+    with pytest.raises(ValueError, match="together"):
+        storegen.generate(scratch / "c", paths=3, dirs_per_path=2)
+
+
 def _fuse_ready() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
@@ -172,3 +189,65 @@ def test_bench_base_mode_runs_the_other_checkouts_package(
     (tmp_path / "noatimefs").mkdir()
     (tmp_path / "noatimefs" / "__init__.py").write_text("")
     assert run.daemon_cwd("noatimefs-base", tmp_path) == tmp_path
+
+
+def _run_bench(scratch: Path, *args: str) -> tuple[dict[str, Any], str]:
+    out = scratch / "bench.out"
+    result = scratch / "result.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "run.py"),
+        "--small",
+        "--reps=1",
+        f"--cache={scratch / 'cache'}",
+        f"--out={scratch / 'results'}",
+        f"--json={result}",
+        *args,
+    ]
+    with open(out, "wb") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
+    log = out.read_text(errors="replace")
+    assert rc == 0, log
+    with open("/proc/self/mountinfo") as f:
+        assert str(scratch) not in f.read()
+    return json.loads(result.read_text()), log
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--big-top"], id="big-top"),
+        pytest.param(
+            [
+                "--paths=40",
+                "--dirs-per-path=3",
+                "--files-per-dir=4",
+                "--opens=300",
+                "--workloads=find,stat,open20k,ls,glob,lookup",
+            ],
+            id="shaped",
+        ),
+    ],
+)
+def test_bench_small_shapes_outputs_match_native(scratch: Path, args: list[str]) -> None:
+    """The big top level (ls, glob, lookup, find) and a chosen shape: outputs as native's."""
+    why = _fuse_ready()
+    if why:
+        if CI:
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
+    modes = "native,noatimefs,bindfs-tuned"
+    data, log = _run_bench(scratch, f"--modes={modes}", f"--require={modes}", *args)
+    assert data["modes"] == modes.split(","), log
+    runs = data["runs"]
+    workloads = {r["workload"] for r in runs}
+    assert workloads >= {"ls", "glob", "lookup", "find"}, log
+    assert [r for r in runs if not r["ok"]] == [], log
+    assert len(runs) == len(workloads) * 2 * 3
+    shown = {r["workload"]: r["shown"] for r in runs if r["mode"] == "native"}
+    assert shown["glob"] == "1 lines", log  # one store path matched
+    assert shown["lookup"] == f"{data['summary']['paths']} lstat", log  # all of them (< 10,000)
+    if "--big-top" in args:
+        assert data["summary"]["paths"] == 2000
+        assert data["summary"]["dirs"] < 2000  # one directory per path, some paths a file

@@ -10,16 +10,17 @@ import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import pytest
 import trio
 
-from noatimefs import policy
+from noatimefs import listing, policy
 from noatimefs.fs import STATUS_XATTR, NoatimeFS
 from noatimefs.inodes import ROOT_ID
 from noatimefs.source import Source
+from noatimefs.watch import IN_Q_OVERFLOW, Event
 
 T = TypeVar("T")
 
@@ -196,3 +197,148 @@ def test_statfs_matches_source(ops: NoatimeFS, tree: Path) -> None:
     data = run(ops.statfs, Ctx())
     sv = os.statvfs(tree)
     assert (data.f_bsize, data.f_blocks, data.f_files) == (sv.f_bsize, sv.f_blocks, sv.f_files)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+@dataclass(frozen=True)
+class Listed:
+    name: bytes
+    ino: int
+    uid: int
+    mode: int
+    size: int
+
+
+def readdir(
+    ops: NoatimeFS,
+    node_id: int,
+    monkeypatch: pytest.MonkeyPatch,
+    ctx: Ctx | None = None,
+    per_call: int = 1 << 30,
+) -> list[Listed]:
+    """opendir, readdir until the end (*per_call* entries per reply), releasedir."""
+    got: list[Listed] = []
+    room = [0]
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if room[0] == 0:
+            return False
+        room[0] -= 1
+        got.append(Listed(name, attr.st_ino, attr.st_uid, attr.st_mode, attr.st_size))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fh = run(ops.opendir, node_id, ctx or Ctx())
+    try:
+        while True:
+            before = len(got)
+            room[0] = per_call
+            run(ops.readdir, fh, before, None)
+            if len(got) == before:
+                return got
+    finally:
+        run(ops.releasedir, fh)
+
+
+def test_opendir_lists_nothing_until_read(ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = lookup(ops, "pkg").st_ino
+    for node_id in (ROOT_ID, pkg):
+        fh = run(ops.opendir, node_id, Ctx())
+        run(ops.releasedir, fh)
+    assert (ops.dir_cache.misses, ops.dir_cache.hits, ops.top.listed) == (0, 0, 0)
+    assert ops.walk_ahead.named == 0  # nothing was listed, so no walk of the store follows
+    assert {e.name for e in readdir(ops, pkg, monkeypatch)} == {
+        b"bin",
+        b"data",
+        b"hardlink",
+        b"link",
+    }
+    assert ops.dir_cache.misses == 1
+    readdir(ops, pkg, monkeypatch)
+    assert (ops.dir_cache.misses, ops.dir_cache.hits) == (1, 1)
+
+
+def test_opendir_rechecks_real_access(ops: NoatimeFS, tree: Path) -> None:
+    (tree / "private").mkdir(mode=0o700)
+    node = lookup(ops, "private").st_ino
+    assert errno_of(ops.opendir, node, Ctx(uid=65534, gid=65534)) == errno.EACCES
+    assert not ops.dirs
+    run(ops.releasedir, run(ops.opendir, node, Ctx()))
+
+
+def test_readdir_resumes_at_offsets_and_presents_each_entry(
+    ops: NoatimeFS, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got = readdir(ops, lookup(ops, "pkg").st_ino, monkeypatch, per_call=1)
+    by_name = {e.name: e for e in got}
+    assert len(got) == len(by_name) == 4
+    data = os.lstat(tree / "pkg" / "data")
+    assert by_name[b"data"].ino == by_name[b"hardlink"].ino == data.st_ino
+    assert by_name[b"data"].uid == 65534
+    assert by_name[b"data"].mode == stat.S_IFREG | 0o444
+    got = readdir(ops, ROOT_ID, monkeypatch)
+    secret = next(e for e in got if e.name == b"secret")
+    assert (secret.uid, secret.mode) == (0, stat.S_IFREG | 0o600)  # unusable: real owner
+
+
+def test_a_kept_listing_is_presented_per_consumer(
+    ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listings hold facts of SOURCE only: each reply presents them to its own consumer."""
+    pkg = ops.inodes.get(lookup(ops, "pkg").st_ino)
+    readdir(ops, pkg.id, monkeypatch)
+    kept = ops.dir_cache.peek(pkg.key)
+    assert kept is not None
+    sent: list[tuple[bytes, int]] = []
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        sent.append((name, attr.st_uid))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    token = cast(pyfuse3.ReaddirToken, None)
+    for uid in (65534, 4242):
+        listing.reply(token, pkg, kept.entries, 0, policy.Consumer(uid, frozenset()), ops.inodes)
+    assert dict(sent[:4]) == dict.fromkeys([b"bin", b"data", b"hardlink", b"link"], 65534)
+    assert dict(sent[4:]) == dict.fromkeys([b"bin", b"data", b"hardlink", b"link"], 4242)
+
+
+def test_the_top_level_listing_is_kept_and_follows_source(
+    ops: NoatimeFS, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept while the watch runs; every change made before a readdir shows in it."""
+
+    def source() -> dict[bytes, tuple[int, int]]:
+        return {
+            os.fsencode(n): (os.lstat(tree / n).st_ino, os.lstat(tree / n).st_size)
+            for n in os.listdir(tree)
+        }
+
+    def mounted() -> dict[bytes, tuple[int, int]]:
+        return {e.name: (e.ino, e.size) for e in readdir(ops, ROOT_ID, monkeypatch)}
+
+    (tree / "single").write_bytes(b"old")
+    assert ops.start_watch() is not None
+    try:
+        assert mounted() == source()
+        assert mounted() == source()
+        assert ops.top.listed == 1  # the second readdir was served from the kept listing
+        (tree / "new").write_bytes(b"created")  # created
+        (tree / "tmp").mkdir()
+        (tree / "tmp").rename(tree / "moved-in")  # moved into place
+        (tree / "secret").unlink()  # deleted
+        (tree / "single.tmp").write_bytes(b"replaced, longer")
+        (tree / "single.tmp").rename(tree / "single")  # replaced
+        (tree / "pkg" / "data").chmod(0o400)  # below the top level: no event, no change
+        assert mounted() == source()
+        assert ops.top.listed == 1  # updated name by name, not listed again
+        ops.on_top_level_event(Event(-1, IN_Q_OVERFLOW, b""))
+        assert ops.top.entries() is None  # an overflowed queue drops the listing
+        assert mounted() == source()
+        assert ops.top.listed == 2
+    finally:
+        ops.stop_watch()
+    assert mounted() == source()
+    assert ops.top.listed == 2  # without a watch nothing is kept

@@ -156,6 +156,11 @@ def test_only_admitted_uids_get_a_view(store: Path) -> None:
         store, None, "--per-user", "--owner", "nobody,1000-1001", allow_other=True
     ) as m:
         names = ["65534", "1000", "1001", "1002", "0", "abc", "065534", "4294967295", "self"]
+        for name in ("65534", "1000", "1001"):
+            os.stat(m.path / name)  # made by root; a view is made by its uid or root
+        for name in ("1002", "0"):  # not admitted: not even root makes them
+            with pytest.raises(FileNotFoundError):
+                os.stat(m.path / name)
         r = util.run_as(4242, 4242, _REFUSED, {"root": str(m.path), "names": names})
         ok = util.run_as(*OTHER, _REFUSED, {"root": str(m.path), "names": []})
         listed = os.listdir(m.path)
@@ -194,6 +199,19 @@ def test_bad_owner_list_exits_5_with_one_line_and_mounts_nothing(
     assert words in lines[0]
     assert util.mount_entry(mnt) is None
     assert os.listdir(mnt) == []
+
+
+def test_a_view_is_made_by_its_own_uid_only(per_user: util.Mount) -> None:
+    """Others may enter a view that exists, but cannot make the daemon hold views for them."""
+    names = ["4243"]
+    r = util.run_as(4242, 4242, _REFUSED, {"root": str(per_user.path), "names": names})
+    assert r["4243"] == errno.ENOENT  # 4242 cannot make 4243's view
+    assert r["self"] == 0  # but makes its own
+    assert "4243" not in per_user.status()["views"]
+    made = util.run_as(4243, 4243, _REFUSED, {"root": str(per_user.path), "names": []})
+    assert made["self"] == 0
+    entered = util.run_as(4242, 4242, _REFUSED, {"root": str(per_user.path), "names": names})
+    assert entered["4243"] == 0  # once made, anyone may enter it, as any --owner mount
 
 
 def test_o_per_user_is_the_same_as_the_flag(store: Path) -> None:

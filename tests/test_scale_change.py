@@ -369,3 +369,39 @@ def test_second_filesystem_inside_source_gets_its_own_inode_numbers(
             assert _read(m.path / "inner" / "dir" / f"f{i}") == f"inner file {i}\n".encode()
         assert _read(m.path / "inner" / "hard0-top") == b"inner file 0\n"
         assert m.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- the kept top level
+
+
+def _top(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Each top-level name with its inode number, size and type, as readdir(plus) gave them."""
+    out = {}
+    with os.scandir(root) as it:
+        for e in it:
+            st = e.stat(follow_symlinks=False)
+            out[e.name] = (st.st_ino, st.st_size, "d" if e.is_dir(follow_symlinks=False) else "-")
+    return out
+
+
+def test_the_kept_top_level_listing_is_never_stale(store_src: Path) -> None:
+    """The daemon keeps the top-level listing; each change made before a listing shows in it."""
+    single = storegen.store_hash(95, 1) + "-builder.sh"
+    (store_src / single).write_bytes(b"old\n")
+    with util.mounted(store_src, None) as m:
+        assert _top(m.path) == _top(store_src)
+        assert _top(m.path) == _top(store_src)
+        listed = m.status()["top_level_listed"]
+        assert listed == 1, "the top level was listed again: it is not kept"
+        for i in range(3):
+            name = storegen.store_hash(95, 10 + i) + "-added-1.0"
+            _new_store_path(store_src, name, b"#!/bin/sh\n")  # moved into place
+            (store_src / f"{name}.drv").write_bytes(b"Derive()")  # created in place
+            assert _top(m.path) == _top(store_src), f"round {i}: added"
+            _rmtree(store_src / name)  # collected
+            assert _top(m.path) == _top(store_src), f"round {i}: removed"
+            tmp = store_src / ".tmp-single"
+            tmp.write_bytes(b"replaced %d\n" % i * (i + 2))
+            tmp.rename(store_src / single)  # replaced
+            assert _top(m.path) == _top(store_src), f"round {i}: replaced"
+        assert m.status()["top_level_listed"] == listed  # kept and updated, never listed again

@@ -1,0 +1,100 @@
+"""Directory listings: what is kept of each entry, and how readdir presents it.
+
+A listing is made once (``scandir`` and an ``lstat`` per entry) and may be
+served many times (:mod:`noatimefs.dircache`, :mod:`noatimefs.toplevel`), to
+callers the daemon presents entries to differently. So a kept entry holds only
+facts of SOURCE, independent of who asks (:data:`Entry`):
+
+``(name, key, mode, uid, gid, attr)``
+    the name; the backing identity ``(st_dev, st_ino)``; the *real*
+    ``st_mode``, ``st_uid`` and ``st_gid``; and one ``pyfuse3.EntryAttributes``
+    holding every other field readdir sends (size, link count, times, block
+    counts, timeouts).
+
+:func:`reply` presents them per request: right before each
+``pyfuse3.readdir_reply`` it sets the node id, the generation and the
+presented uid, gid and mode (:func:`noatimefs.policy.present`, cached) on the
+entry's one ``EntryAttributes``. That is safe because ``readdir_reply`` copies
+the attributes into the reply buffer, and no other handler runs during the
+loop (it has no ``await``). The consumer to present to is a parameter, so
+listings can be shared by callers presented differently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pyfuse3
+
+from noatimefs import policy
+from noatimefs.inodes import InodeTable, Node
+
+Key = tuple[int, int]
+#: A kept listing entry: (name, key, real mode, real uid, real gid, the other attributes).
+Entry = tuple[bytes, Key, int, int, int, pyfuse3.EntryAttributes]
+
+
+def make_entry(name: bytes, st: os.stat_result, timeout: float) -> Entry:
+    """The kept facts of *name*, ``lstat``-ed as *st*."""
+    attr = pyfuse3.EntryAttributes()
+    attr.entry_timeout = timeout
+    attr.attr_timeout = timeout
+    attr.st_nlink = st.st_nlink
+    attr.st_rdev = st.st_rdev
+    attr.st_size = st.st_size
+    attr.st_blksize = st.st_blksize
+    attr.st_blocks = st.st_blocks
+    attr.st_atime_ns = st.st_atime_ns
+    attr.st_mtime_ns = st.st_mtime_ns
+    attr.st_ctime_ns = st.st_ctime_ns
+    return (name, (st.st_dev, st.st_ino), st.st_mode, st.st_uid, st.st_gid, attr)
+
+
+def list_dir(fd: int, timeout: float) -> list[Entry]:
+    """The entries of the directory open (for reading) on *fd*, in readdir order.
+
+    Touches no daemon state, so it may run in a worker thread.
+    """
+    entries = []
+    with os.scandir(fd) as it:
+        for dirent in it:
+            try:
+                st = dirent.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            entries.append(make_entry(os.fsencode(dirent.name), st, timeout))
+    return entries
+
+
+#: Called as present(mode, uid, gid, consumer) -> presented (uid, gid, mode).
+Presenter = Callable[[int, int, int, policy.Consumer], tuple[int, int, int]]
+
+
+def reply(
+    token: pyfuse3.ReaddirToken,
+    parent: Node,
+    entries: list[Entry],
+    start: int,
+    consumer: policy.Consumer,
+    inodes: InodeTable,
+    present: Presenter = policy.present,
+) -> int:
+    """Send *entries* from index *start* on, presented to *consumer*; how many were sent.
+
+    An entry is remembered in *inodes* (the kernel's lookup count + 1) only
+    once the kernel has taken it: readdirplus counts as a lookup of each entry
+    it returns. Offsets are indexes into *entries* (+ 1), so the same list must
+    be served for the whole life of a directory handle.
+    """
+    sent = 0
+    for index in range(start, len(entries)):
+        name, key, mode, uid, gid, attr = entries[index]
+        ctime_ns = attr.st_ctime_ns
+        attr.st_ino, attr.generation = inodes.peek(key, mode, ctime_ns, parent.view.tag)
+        attr.st_uid, attr.st_gid, attr.st_mode = present(mode, uid, gid, consumer)
+        if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+            break  # not sent: the table must not learn of it
+        inodes.remember_key(parent, name, key, mode, ctime_ns)
+        sent += 1
+    return sent

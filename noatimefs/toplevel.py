@@ -1,0 +1,123 @@
+"""SOURCE's top-level listing, kept between readdirs and kept right by the inotify watch.
+
+The top level is a store's biggest directory (10⁵ paths and more) and the one
+callers list most (``ls``, shell globs and completion, garbage collectors), and
+GNU find opens it again each time it climbs back out of a store path. It is
+also the one directory whose entries come and go. So it is listed from SOURCE
+once, and then kept up to date name by name from the events of
+:class:`noatimefs.watch.TopLevelWatch`: each event that names an entry (created,
+deleted, moved in or out, its attributes or data changed) makes :meth:`changed`
+``lstat`` that name again and add, replace or drop its entry. An overflowed
+event queue (``IN_Q_OVERFLOW``) drops the whole listing; the next readdir lists
+SOURCE again. Without a watch (it could not be set up, or the daemon has not
+started it yet) or with ``--timeout 0`` nothing is kept: every readdir lists
+afresh. A kept listing also expires after ``--timeout`` seconds, as entries
+and attributes do in the kernel (a store path being built changes its own
+times and link count without an event at the top level).
+
+The daemon reads the watch's queue before it serves a kept listing (see
+``NoatimeFS._top_events``), and the kernel queues an inotify event before the
+call that changed SOURCE returns: so a listing never misses a change made
+before it was asked for.
+
+A listing is made outside the request loop (a worker thread, see ``fs.py``),
+and events may come meanwhile: :meth:`begin` opens a :class:`Build` that
+records the names they touch, and :meth:`install` applies those to the fresh
+listing before keeping it (or keeps nothing, if the queue overflowed or the
+watch was not running when the listing began).
+
+Readdir offsets are indexes into one list, so a directory handle keeps the list
+it started with; a change makes a new list for the next handle
+(:meth:`entries`), never edits one in place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from noatimefs.listing import Entry, make_entry
+
+
+@dataclass
+class Build:
+    """A listing of the top level being made: the names that changed meanwhile."""
+
+    names: set[bytes] = field(default_factory=set)
+    spoiled: bool = False  # it must not be kept
+
+
+class TopLevel:
+    def __init__(self, root_fd: int, timeout: float) -> None:
+        self.root_fd = root_fd
+        self.timeout = timeout
+        self.watching = False  # set by the daemon while its watch runs
+        self._by_name: dict[bytes, Entry] | None = None  # None: nothing kept
+        self._list: list[Entry] | None = None  # _by_name's values, made when asked for
+        self._expires = 0.0
+        self._builds: list[Build] = []
+        self.listed = 0  # listings made from SOURCE
+        self.updated = 0  # entries listed again one by one, from events
+
+    def __len__(self) -> int:
+        return len(self._by_name) if self._by_name is not None else 0
+
+    def entries(self) -> list[Entry] | None:
+        """The kept listing, or None: then list SOURCE (:meth:`begin`, :meth:`install`)."""
+        if self._by_name is None:
+            return None
+        if time.monotonic() >= self._expires:
+            self.drop()
+            return None
+        if self._list is None:
+            self._list = list(self._by_name.values())
+        return self._list
+
+    def begin(self) -> Build:
+        """Before listing SOURCE's top level: record what changes meanwhile."""
+        build = Build(spoiled=not self.watching or self.timeout <= 0)
+        self._builds.append(build)
+        return build
+
+    def install(self, build: Build, entries: list[Entry]) -> list[Entry]:
+        """Keep *entries*, listed since :meth:`begin` gave *build*; the list to serve."""
+        self._builds.remove(build)
+        if build.spoiled:
+            return entries
+        self.listed += 1
+        self._by_name = {entry[0]: entry for entry in entries}
+        self._list = entries
+        self._expires = time.monotonic() + self.timeout
+        for name in build.names:
+            self._relist(name)
+        return self.entries() or entries
+
+    def changed(self, name: bytes) -> None:
+        """An event says the entry *name* may have changed: list it again."""
+        for build in self._builds:
+            build.names.add(name)
+        if self._by_name is not None:
+            self._relist(name)
+
+    def drop(self) -> None:
+        """Forget the listing (and spoil those being made): the next readdir lists SOURCE."""
+        self._by_name = None
+        self._list = None
+        for build in self._builds:
+            build.spoiled = True
+
+    def _relist(self, name: bytes) -> None:
+        assert self._by_name is not None
+        try:
+            st = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if self._by_name.pop(name, None) is not None:
+                self._list = None
+            return
+        except OSError:
+            self.drop()  # cannot tell: list it all again when asked
+            return
+        self.updated += 1
+        self._by_name[name] = make_entry(name, st, self.timeout)
+        self._list = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -89,3 +91,59 @@ def test_install_refuses_to_replace_a_command_it_did_not_make() -> None:
         finally:
             util.INSTALLED_LINK.unlink()
         assert util.leftovers_of_install() == []
+
+
+def test_install_from_a_clone_of_another_user_at_other_places(world_tmp: Path) -> None:
+    """``sudo ./dev install`` from a user's clone (git's ownership check), PREFIX & co. honoured."""
+    clone = world_tmp / "clone"
+    r = subprocess.run(
+        ["git", "clone", "-q", str(util.REPO), str(clone)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    shutil.copy2(util.REPO / "dev", clone / "dev")  # this one, not the last committed one
+    for dirpath, dirnames, filenames in os.walk(clone):
+        for name in [".", *dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), NOBODY_UID, NOBODY_GID)
+    places = {
+        "PREFIX": world_tmp / "opt",
+        "BINDIR": world_tmp / "bin",
+        "UNITDIR": world_tmp / "units",
+        "CONFDIR": world_tmp / "etc",
+    }
+    env = {**os.environ, **{k: str(v) for k, v in places.items()}}
+    start = time.monotonic()
+    r = subprocess.run(
+        [str(clone / "dev"), "install"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=900,
+        check=False,
+    )
+    print(f"./dev install: {time.monotonic() - start:.1f} s")
+    assert r.returncode == 0, r.stdout + r.stderr
+    command = places["BINDIR"] / "noatimefs"
+    r2 = util.run_as_argv(NOBODY_UID, NOBODY_GID, [str(command), "--version"])
+    assert r2.stdout.strip() == f"noatimefs {noatimefs.__version__}", r2
+    site = places["PREFIX"] / "venv" / "lib"
+    assert list(site.glob("python3*/site-packages/noatimefs/listing.py")), "not the clone's files"
+    assert (places["UNITDIR"] / "noatimefs@.service").is_file()
+    assert not (clone / "build").exists(), "the build wrote into the clone"
+    r = subprocess.run(
+        [str(clone / "dev"), "uninstall"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not command.is_symlink()
+    assert not places["PREFIX"].exists()
+    assert not (places["UNITDIR"] / "noatimefs@.service").exists()

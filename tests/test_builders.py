@@ -183,6 +183,23 @@ def test_the_same_build_on_the_source_itself_gets_eperm(
     assert f"noatimefs-reader: {BOUND}: Operation not permitted" in str(excinfo.value)
 
 
+def test_a_build_user_the_owner_list_leaves_out_gets_enoent(
+    store: Path, reader: Path, builds: nixbuild.Builds
+) -> None:
+    """``--owner`` admits only nobody here: a build's ``self`` leads nowhere."""
+    with util.mounted(store, None, "--per-user", "--owner", "nobody", allow_other=True) as m:
+        with pytest.raises(nixbuild.BuildFailed) as excinfo:
+            builds.build(
+                nixbuild.READERS_NIX,
+                {"count": "1", "nonce": nixbuild.nonce(), "dir": f"{BOUND}/self"},
+                [f"{nixbuild.READER_IN_SANDBOX}={reader}", f"{BOUND}={m.path}"],
+                max_jobs=1,
+            )
+        status = m.status()
+    assert f"noatimefs-reader: {BOUND}/self: No such file or directory" in str(excinfo.value)
+    assert status["views"] == {}, status["views"]
+
+
 # --------------------------------------------------------------------------- the README's recipe
 
 README = util.REPO / "README.rst"

@@ -322,7 +322,7 @@ def table_cost(root: str, limit: int) -> dict[str, float]:
     proc = psutil.Process()
     gc.collect()
     rss0 = proc.memory_info().rss
-    table = InodeTable(os.stat(root), View(Consumer(0, frozenset()), tag=0))
+    table = InodeTable(os.stat(root), View(Consumer(0, frozenset(), 0), tag=0))
     stack: list[tuple[str, Node]] = [(root, table.root)]
     t0 = time.monotonic()
     while stack and len(table) < limit:

@@ -11,17 +11,16 @@ import argparse
 import errno
 import logging
 import os
-import pwd
 import shutil
 import stat
 import subprocess
 import sys
 from collections.abc import Sequence
 
-from noatimefs import __version__, mountinfo, notify, policy
+from noatimefs import __version__, consumers, mountinfo, notify, policy
 from noatimefs.errors import Exit, QuietError
 from noatimefs.mount import Config
-from noatimefs.views import Allow
+from noatimefs.views import Allow, resolve_user
 
 log = logging.getLogger("noatimefs")
 
@@ -138,21 +137,8 @@ def apply_mount_options(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 def resolve_owner(spec: str | None) -> policy.Consumer:
     """The presented owner named by *spec* (a user name or uid; None: ourselves)."""
-    if spec is None:
-        uid = os.geteuid()
-    elif spec.isdigit():
-        uid = int(spec)
-    else:
-        try:
-            uid = pwd.getpwnam(spec).pw_uid
-        except KeyError:
-            raise QuietError(f"unknown owner: no user named {spec!r}", Exit.OWNER) from None
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        log.info("owner uid %d has no passwd entry: no group memberships assumed", uid)
-        return policy.Consumer(uid, frozenset())
-    return policy.Consumer(uid, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    uid = os.geteuid() if spec is None else resolve_user(spec)
+    return consumers.consumer_for_uid(uid)
 
 
 def check_source(source: str) -> None:

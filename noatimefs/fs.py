@@ -61,13 +61,14 @@ import pyfuse3
 import trio
 
 from noatimefs import listing, loop, policy, procinfo
+from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
 from noatimefs.source import O_PATH, Source, proc_path
 from noatimefs.stats import Stats
 from noatimefs.toplevel import TopLevel
-from noatimefs.views import Allow, View, consumer_for_uid, parse_uid
+from noatimefs.views import Allow, View, parse_uid
 from noatimefs.walkahead import WalkAhead
 from noatimefs.watch import (
     GONE,

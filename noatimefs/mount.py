@@ -190,7 +190,8 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> int:
             "mounted %s at %s (%s%s), pid %d",
             config.source,
             config.mountpoint,
-            f"presented owner uid {config.consumer.uid}"
+            f"presented owner uid {config.consumer.uid}, gid {config.consumer.gid} for public "
+            "entries"
             if config.per_user is None
             else f"a view per uid: {config.per_user.describe()}",
             ", allow_other" if config.allow_other else "",

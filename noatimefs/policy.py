@@ -11,42 +11,87 @@ presented as owned by the consumer (``--owner``, called O below) for the daemon
 ever to see, and drop, the flag. Presenting ownership must never grant access
 the source would refuse (DESIGN.md, "What follows"), and fact 8 of DESIGN.md
 says ownership itself is a grant: the root of a user namespace that O makes
-with ``unshare -r`` holds ``CAP_DAC_OVERRIDE`` over every inode whose uid *and*
-gid map into that namespace. Hence, per entry, with ``a`` the permission bits
-of the class (owner, group or other) that O falls in on the source:
+with ``unshare -r`` holds ``CAP_DAC_OVERRIDE`` (and ``CAP_DAC_READ_SEARCH``)
+over every inode whose uid *and* gid map into that namespace. Fact 11 says
+what an overlay stacked on the mount needs to write: that capability over the
+lower directories it creates in, and a gid it can map for the files it copies
+up. Hence, per entry, with ``a`` the permission bits of the class (owner,
+group or other) that O falls in on the source:
 
-1. An entry O can *use* on the source -- a regular file O may read, a directory
-   O may read and search, or a symlink -- is presented as
+1a. A *public* entry -- one O can *use* on the source (a regular file O may
+    read, a directory O may read and search, or a symlink) and whose every
+    class (owner, group and other) grants at least ``a & r-x`` -- is
+    presented as
 
-   * uid: O (so O's ``O_NOATIME`` opens reach the daemon);
-   * gid: the real gid (never O's group: a gid that maps into O's namespaces
-     is what turns ownership into capabilities);
-   * mode: owner bits exactly ``a``; group and other bits as on the source,
-     but never more than the source's owner bits (the real owner now falls
-     into the group or other class, and must not gain by it); setuid/setgid
-     dropped; for a file O may not execute, every x bit cleared, so that
-     neither O nor O's namespace root (whose ``CAP_DAC_OVERRIDE`` executes
-     anything with some x bit) can execute what O could not.
+    * uid: O (so O's ``O_NOATIME`` opens reach the daemon);
+    * gid: O's primary gid (:attr:`Consumer.gid`), so that O's user namespaces
+      map it and an overlay O stacks on the mount can create and copy up;
+    * mode: owner bits ``a``; group and other bits ``a & r-x``; sticky kept,
+      setuid/setgid dropped. Symlinks are always public (their mode is not
+      used) and keep their mode.
 
-   Whatever O's namespace root gains over such an entry is read (and search)
-   access that O already had, plus write access that the read-only mount
-   refuses with ``EROFS``.
+    Every user already had ``a & r-x`` on the source, whatever class it fell
+    in, and through the mount it falls in the group or other class, which give
+    exactly that. So the group is only a name: members of O's gid gain nothing
+    over anyone else. O's namespace root holds the capabilities over the entry;
+    they give it reading and searching, which O had; executing, only where
+    some x bit is set, and x bits are set only when ``a`` has x, so only where
+    O may execute; and writing, which the read-only mount refuses with
+    ``EROFS`` and an overlay sends to its upper layer. Nobody else holds them:
+    they need the uid mapped as well, and an unprivileged user can map only
+    its own uid (or what ``/etc/subuid`` gives it, an administrator's grant to
+    act as that uid) -- and one who did would gain only the same write
+    access, every class granting ``a & r-x`` already. A store is public
+    throughout: 0444/0555 files, 0555 directories, all root's.
 
-2. Anything else keeps its real uid, gid and mode. O's access to it is then
-   decided by the same bits as on the source, and O's namespace root gets no
-   capability over it that it would not have over the source (the uid and gid
-   are the source's).
+1b. An entry O can use but that is not public (some class grants less than
+    ``a & r-x``) is presented with uid O and the **real gid**:
+
+    * mode: owner bits exactly ``a``; group and other bits as on the source,
+      but never more than the source's owner bits (the real owner now falls
+      into the group or other class, and must not gain by it); setuid/setgid
+      dropped; for a file O may not execute, every x bit cleared, so that
+      neither O nor O's namespace root (whose ``CAP_DAC_OVERRIDE`` executes
+      anything with some x bit) can execute what O could not.
+
+    The group class must keep the real gid here: its bits are the source's
+    group bits, which only the source's group may have (showing O's gid with
+    them would hand them to O's group). Whatever O's namespace root gains over
+    such an entry, if it can map the real gid (a group O is a member of), is
+    again read and search access that O already had, execution where O had it,
+    and write access that is refused. An overlay O stacks can create in such
+    a directory only if O's namespace maps its gid.
+
+2.  Anything else keeps its real uid, gid and mode. O's access to it is then
+    decided by the same bits as on the source, and O's namespace root gets no
+    capability over it that it would not have over the source (the uid and gid
+    are the source's).
+
+O's gid is its passwd entry's primary gid: the gid O's processes run with,
+hence the one ``unshare -r`` maps. A uid with no passwd entry (systemd's
+``DynamicUser=``, Nix's ``auto-allocate-uids``) runs with gid = uid by
+convention, and is given that, with no group memberships known: its class on
+an entry of group uid is then the lesser of group and other
+(:func:`consumer_bits`), so that it is shown no more whether or not its
+processes run with that gid. The choice cannot grant anything, whichever gid
+it is: in a public entry the group bits equal the other bits, so membership of
+the gid is worth nothing; and the capabilities of a namespace root need the
+entry's uid *and* gid mapped, and only O (or whoever the administrator lets map
+O's uid) maps O's uid. A wrong guess only costs O's overlays their writes, as
+before this rule.
 
 Consequences: O sees exactly its access on the source. Any other user U falls
-into the group or other class of the presented entry, which carry the source's
-bits; so U never gets more than on the source, and the real owner of an entry
-presented as O's may get *less* through the mount (it loses its owner bits;
-root loses nothing, having ``CAP_DAC_OVERRIDE``). POSIX ACLs of the source are
-not consulted (a store has none): a caller granted access only by an ACL entry
-is refused through the mount, never the reverse.
+into the group or other class of the presented entry, which carry at most the
+bits of U's class on the source; so U never gets more than on the source, and
+the real owner of an entry presented as O's may get *less* through the mount
+(it loses its owner bits; root loses nothing but execution where O may not
+execute). Compared with rule 1b, rule 1a takes from other users only write
+bits, which the read-only mount never honours anyway. POSIX ACLs of the source
+are not consulted (a store has none): a caller granted access only by an ACL
+entry is refused through the mount, never the reverse.
 
 The daemon re-checks a caller's real access to the source on every open and
-opendir (:func:`may_open`), so even a presentation bug could not hand out bytes
+opendir (:func:`may_access`), so even a presentation bug could not hand out bytes
 the source would refuse.
 
 The O_NOATIME rule
@@ -77,10 +122,19 @@ _WRITE_FLAGS = os.O_CREAT | os.O_TRUNC | os.O_EXCL | getattr(os, "O_TMPFILE", 0)
 
 @dataclass(frozen=True)
 class Consumer:
-    """The presented owner O: a uid and the groups it is a member of."""
+    """The presented owner O: its uid, the groups it is a member of, its primary gid.
+
+    *groups* (from the group database; they include *gid*) decide O's class on
+    the source. *gid* is O's primary group (the one its processes run with, so
+    the one its user namespaces map): the presented group of public entries.
+    A *gid* not in *groups* (a uid with no passwd entry) is a membership not
+    known either way (:func:`consumer_bits`). Made by
+    :func:`noatimefs.consumers.consumer_for_uid`.
+    """
 
     uid: int
     groups: frozenset[int]
+    gid: int
 
 
 def class_bits(mode: int, file_uid: int, file_gid: int, uid: int, groups: frozenset[int]) -> int:
@@ -105,15 +159,41 @@ def usable(mode: int, bits: int) -> bool:
     return stat.S_ISLNK(mode)
 
 
+def public(mode: int, bits: int) -> bool:
+    """Whether every class of *mode* grants at least the read and search/execute in *bits*."""
+    shared = bits & (R_OK | X_OK)
+    return all((mode >> shift) & shared == shared for shift in (6, 3, 0))
+
+
+def consumer_bits(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -> int:
+    """The bits ``a`` of the class O falls in on the source.
+
+    When O's membership of its own gid is not known (its gid is not among its
+    groups: a uid with no passwd entry), an entry of that group gives O the
+    lesser of the group and other bits: O's processes may or may not run with
+    that gid, and neither way may O be shown more than it has.
+    """
+    bits = class_bits(mode, file_uid, file_gid, consumer.uid, consumer.groups)
+    membership_unknown = consumer.gid not in consumer.groups
+    if membership_unknown and file_gid == consumer.gid and file_uid != consumer.uid:
+        bits &= (mode >> 3) & 7
+    return bits
+
+
 @functools.lru_cache(maxsize=4096)
 def present(mode: int, file_uid: int, file_gid: int, consumer: Consumer) -> tuple[int, int, int]:
     """The (uid, gid, mode) an entry is presented with; see the module docstring."""
-    bits = class_bits(mode, file_uid, file_gid, consumer.uid, consumer.groups)
+    bits = consumer_bits(mode, file_uid, file_gid, consumer)
     if not usable(mode, bits):
-        return file_uid, file_gid, mode
+        return file_uid, file_gid, mode  # 2. unusable
     if stat.S_ISLNK(mode):
-        return consumer.uid, file_gid, mode
-    # The real owner loses its owner class: nobody may get more than it had.
+        return consumer.uid, consumer.gid, mode  # 1a. a symlink is public
+    if public(mode, bits):  # 1a. public: everyone already has O's read/search/execute
+        shared = bits & (R_OK | X_OK)
+        perm = (bits << 6) | (shared << 3) | shared | (mode & stat.S_ISVTX)
+        return consumer.uid, consumer.gid, stat.S_IFMT(mode) | perm
+    # 1b. usable, not public. The real owner loses its owner class: nobody may get
+    # more than it had.
     owner_bits = (mode >> 6) & 7
     group_other = mode & 0o077 & ((owner_bits << 3) | owner_bits)
     if stat.S_ISREG(mode) and not bits & X_OK:

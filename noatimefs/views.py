@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import grp
 import logging
-import os
 import pwd
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from noatimefs import policy
+from noatimefs.consumers import consumer_for_uid
 from noatimefs.errors import Exit, QuietError
 
 if TYPE_CHECKING:
@@ -35,22 +35,6 @@ log = logging.getLogger(__name__)
 
 #: The largest uid the kernel has (``(uid_t)-1`` is "no uid").
 MAX_UID = (1 << 32) - 2
-
-
-def consumer_for_uid(uid: int) -> policy.Consumer:
-    """The consumer *uid*: its groups and primary group from the passwd database.
-
-    A uid without a passwd entry (a Nix ``auto-allocate-uids`` build, systemd's
-    ``DynamicUser``) is taken to have no supplementary groups and the primary
-    gid equal to its uid, as those allocators give it (see policy.py).
-    """
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        log.info("uid %d has no passwd entry: no groups, primary gid %d assumed", uid, uid)
-        return policy.Consumer(uid, frozenset())
-    groups = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return policy.Consumer(uid, groups)
 
 
 def resolve_user(spec: str) -> int:
@@ -108,7 +92,7 @@ class Allow:
         if not self.gids:
             return False
         consumer = consumer or consumer_for_uid(uid)
-        return bool(self.gids & consumer.groups)
+        return bool(self.gids & (consumer.groups | {consumer.gid}))
 
     def describe(self) -> str:
         if self.anyone:

@@ -64,7 +64,7 @@ def tree(tmp_path: Path) -> Path:
 @pytest.fixture
 def ops(tree: Path) -> Iterator[NoatimeFS]:
     source = Source(str(tree))
-    consumer = policy.Consumer(65534, frozenset({65534}))
+    consumer = policy.Consumer(65534, frozenset({65534}), 65534)
     fs = NoatimeFS(source, consumer, timeout=5.0, daemon_uid=0)
     yield fs
     fs.close()
@@ -84,7 +84,7 @@ def test_lookup_presents_consumer_and_source_inode(ops: NoatimeFS, tree: Path) -
     attr = lookup(ops, "pkg/data")
     st = os.lstat(tree / "pkg" / "data")
     assert attr.st_ino == st.st_ino
-    assert (attr.st_uid, attr.st_gid) == (65534, st.st_gid)
+    assert (attr.st_uid, attr.st_gid) == (65534, 65534)  # public: the consumer's gid
     assert attr.st_mode == stat.S_IFREG | 0o444
     assert attr.st_size == st.st_size
     assert attr.entry_timeout == attr.attr_timeout == 5.0
@@ -300,7 +300,9 @@ def test_a_kept_listing_is_presented_per_consumer(
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
     token = cast(pyfuse3.ReaddirToken, None)
     for uid in (65534, 4242):
-        listing.reply(token, pkg, kept.entries, 0, policy.Consumer(uid, frozenset()), ops.inodes)
+        listing.reply(
+            token, pkg, kept.entries, 0, policy.Consumer(uid, frozenset(), uid), ops.inodes
+        )
     assert dict(sent[:4]) == dict.fromkeys([b"bin", b"data", b"hardlink", b"link"], 65534)
     assert dict(sent[4:]) == dict.fromkeys([b"bin", b"data", b"hardlink", b"link"], 4242)
 

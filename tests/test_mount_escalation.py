@@ -48,6 +48,12 @@ MODES = (
     0o711,
     0o111,
     0o000,
+    # public (every class grants 65534's r-x): presented with 65534's primary gid
+    0o444,
+    0o555,
+    0o755,
+    0o754,
+    0o1777,
 )
 OTHER = (1000, 1000)  # "another user": owns files, and is a caller
 #: Owner classes of the table: root, another user, the presented owner itself, and
@@ -78,6 +84,9 @@ CALLERS = (
     Caller("other-user-1000", *OTHER),
     Caller("other-user-1000-userns-root", *OTHER, userns="user"),
     Caller("group-member-4242-in-1000", 4242, 4242, groups=(4242, OTHER[1])),
+    # public entries are shown with 65534's gid: its members, and a namespace that maps it
+    Caller("group-member-4242-in-65534", 4242, 4242, groups=(4242, util.NOBODY[1])),
+    Caller("gid-65534-userns-root", 4242, util.NOBODY[1], userns="user"),
     Caller("stranger-4242", 4242, 4242),
     Caller("root", 0, 0),
 )
@@ -233,11 +242,13 @@ emit(out)
 
 
 def test_presentation_rule_on_the_table(table: Table) -> None:
-    """Presented as 65534's exactly when 65534 can use it; owner bits = its access; real gid.
+    """Presented as 65534's exactly when 65534 can use it; owner bits = its access.
 
     An entry 65534 can use (read a file; read and search a directory) is shown
-    with uid 65534, the real gid, and owner bits equal to 65534's access on
-    SOURCE; anything else with its real uid, gid and mode.
+    with uid 65534 and owner bits equal to 65534's access on SOURCE; with gid
+    65534 and group = other bits = that access's r-x if every class of the source
+    mode grants that much (public), else with the real gid. Anything else keeps
+    its real uid, gid and mode.
     """
     rels = table.files + table.dirs
     access = util.run_as(*util.NOBODY, _ACCESS, {"src": str(table.src), "rels": rels})
@@ -249,13 +260,19 @@ def test_presentation_rule_on_the_table(table: Table) -> None:
         got = (m.st_uid, m.st_gid, oct(m.st_mode))
         if usable:
             bits = (4 if r else 0) | (2 if w else 0) | (1 if x else 0)
+            shared = bits & 5
+            public = all((s.st_mode >> shift) & shared == shared for shift in (6, 3, 0))
+            gid = util.NOBODY[1] if public else s.st_gid
             ok = (
                 m.st_uid == util.NOBODY[0]
-                and m.st_gid == s.st_gid
+                and m.st_gid == gid
                 and (m.st_mode >> 6) & 7 == bits
                 and stat.S_IFMT(m.st_mode) == stat.S_IFMT(s.st_mode)
+                and (not public or m.st_mode & 0o077 == shared << 3 | shared)
             )
-            want = f"uid 65534, gid {s.st_gid}, owner bits {bits:o}"
+            want = f"uid 65534, gid {gid}, owner bits {bits:o}" + (
+                f", group and other bits {shared:o}" if public else ""
+            )
         else:
             ok = (m.st_uid, m.st_gid, m.st_mode) == (s.st_uid, s.st_gid, s.st_mode)
             want = f"as on SOURCE: {(s.st_uid, s.st_gid, oct(s.st_mode))}"

@@ -63,7 +63,7 @@ def test_owner_defaults_to_the_daemon_user(small_source: Path) -> None:
 def test_owner_by_name_or_uid(small_source: Path, owner: str) -> None:
     with util.mounted(small_source, owner=owner, allow_other=True) as m:
         assert os.lstat(m.path / "file").st_uid == 65534
-        assert os.lstat(m.path / "file").st_gid == 0  # the real gid, always
+        assert os.lstat(m.path / "file").st_gid == 65534  # public: the owner's primary gid
         assert "allow_other" in util.mount_entry(m.path).super_options  # type: ignore[union-attr]
         r = util.run_as(*util.NOBODY, "emit(read_file(DATA).decode())", str(m.path / "file"))
         assert r == "small\n"

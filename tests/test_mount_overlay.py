@@ -2,7 +2,9 @@
 
 Files read back intact, binaries in SOURCE execute, writes land in the upper
 directory, and SOURCE is unchanged. Overlayfs opens lower files with
-O_NOATIME, so these also exercise the flag for real.
+O_NOATIME, so these also exercise the flag for real. (Every kind of write by an
+unprivileged user, also with fuse-overlayfs and a rootless daemon:
+test_mount_overlay_write.py.)
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def test_root_overlay_reads_execs_and_writes_to_upper(
 
 
 # Two overlays in one user namespace: over SOURCE itself and over the mount, so the
-# outcomes of the same operations can be compared (the owner's namespace root has
-# no capabilities over root-owned inodes, on SOURCE or as presented).
+# outcomes of the same operations can be compared. The owner's namespace root has
+# no capabilities over root-owned inodes of SOURCE; through the mount, public
+# entries are presented with its uid and primary gid, so it has them there (and
+# uses them to write, into the upper layer: tests/test_mount_overlay_write.py).
 _USERNS_OVERLAYS = """
 out = {}
 for label, lower in DATA["lowers"].items():
@@ -132,7 +136,11 @@ def test_userns_overlay_as_presented_owner(
     """What a guest does: 65534 (QEMU's user) stacks an overlay on the mount, unprivileged.
 
     The same overlay over SOURCE is the reference: through the mount the owner's
-    namespace root may do no more, and (being the presented owner) no less.
+    namespace root reads and executes exactly as through SOURCE's overlay, and
+    may do every write that overlay may; unlike it, it may also write over
+    public lower entries (create in lower-only directories, copy up, rename,
+    delete), since they are presented with its uid and primary gid. The private
+    file stays unreadable.
     """
     layers: dict[str, dict[str, str]] = {}
     for label in ("src", "mnt"):
@@ -164,13 +172,20 @@ def test_userns_overlay_as_presented_owner(
     assert (upper / "new.txt").read_bytes() == b"new\n"
     assert mnt["ops"]["mkdir newdir"] == 0
     assert (upper / "newdir").is_dir()
-    # Every operation: possible through the mount exactly when possible through SOURCE.
-    diffs = {
-        op: (errno.errorcode.get(src["ops"][op], 0), errno.errorcode.get(e, 0))
+    # Reads and execs: as through SOURCE. Writes: every one works, all into upper;
+    # through SOURCE's overlay the writes below its root-owned lower dirs fail.
+    for op in ("exec bin/true", "read private/secret"):
+        assert (mnt["ops"][op] == 0) == (src["ops"][op] == 0), (op, src["ops"][op], mnt["ops"][op])
+    refused = {
+        op: errno.errorcode.get(e, e)
         for op, e in mnt["ops"].items()
-        if (e == 0) != (src["ops"][op] == 0)
+        if e != 0 and op != "read private/secret"
     }
-    assert not diffs, f"op: (via SOURCE, via mount): {diffs}"
+    assert not refused, f"refused through the mount's overlay: {refused}"
+    assert src["ops"]["create data/new.txt"] == errno.EACCES  # the reference is not vacuous
+    assert (upper / "data" / "new.txt").read_bytes() == b"new\n"
+    assert (upper / "data" / "a.txt").read_bytes().endswith(b"appended\n")
+    assert (upper / "data" / "nobody.txt").read_bytes() == b"owned by nobody\nappended\n"
     # The overlay asked for O_NOATIME on root-owned files; the daemon dropped it.
     assert after["noatime_dropped"] > before["noatime_dropped"], (before, after)
     assert not (store / "new.txt").exists()

@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import os
+import pwd
 import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from noatimefs import policy
+from noatimefs.consumers import consumer_for_uid
 from noatimefs.policy import Consumer, Noatime
 
-OWNER = Consumer(uid=1000, groups=frozenset({1000, 100}))
+OWNER = Consumer(uid=1000, groups=frozenset({1000, 100}), gid=1000)
 FILE, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+R, W, X = policy.R_OK, policy.W_OK, policy.X_OK
 
 
 @pytest.mark.parametrize(
     ("mode", "uid", "gid", "expected"),
     [
-        # root-owned store files: presented as O's, group kept, O's bits as owner bits
-        (FILE | 0o444, 0, 0, (1000, 0, FILE | 0o444)),
-        (FILE | 0o555, 0, 0, (1000, 0, FILE | 0o555)),
-        (DIR | 0o555, 0, 0, (1000, 0, DIR | 0o555)),
-        (FILE | 0o644, 0, 0, (1000, 0, FILE | 0o444)),
-        (DIR | 0o755, 0, 0, (1000, 0, DIR | 0o555)),
-        # O cannot use them: real owner, group and mode kept
+        # 1a. public (every class grants O's r-x): O's uid and primary gid, group = other = O's r-x
+        (FILE | 0o444, 0, 0, (1000, 1000, FILE | 0o444)),
+        (FILE | 0o555, 0, 0, (1000, 1000, FILE | 0o555)),
+        (DIR | 0o555, 0, 0, (1000, 1000, DIR | 0o555)),
+        (FILE | 0o644, 0, 0, (1000, 1000, FILE | 0o444)),
+        (DIR | 0o755, 0, 0, (1000, 1000, DIR | 0o555)),
+        (DIR | 0o775, 0, 100, (1000, 1000, DIR | 0o755)),  # O in the group: owner bits rwx
+        (FILE | 0o644, 1000, 1000, (1000, 1000, FILE | 0o644)),  # O owns it
+        (FILE | 0o644, 1000, 2000, (1000, 1000, FILE | 0o644)),  # ... in another group
+        (FILE | 0o754, 0, 0, (1000, 1000, FILE | 0o444)),  # O may not execute: no x bit
+        (FILE | 0o4755, 0, 0, (1000, 1000, FILE | 0o555)),  # setuid dropped
+        (DIR | 0o1777, 0, 0, (1000, 1000, DIR | 0o1755)),  # sticky kept, w for O only
+        (DIR | 0o1775, 0, 30000, (1000, 1000, DIR | 0o1555)),  # /nix/store itself
+        (LNK | 0o777, 0, 0, (1000, 1000, LNK | 0o777)),  # symlinks are always public
+        # 2. O cannot use them: real owner, group and mode kept
         (FILE | 0o600, 0, 0, (0, 0, FILE | 0o600)),
         (FILE | 0o640, 0, 0, (0, 0, FILE | 0o640)),
         (FILE | 0o711, 0, 0, (0, 0, FILE | 0o711)),
@@ -31,25 +46,18 @@ FILE, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
         (DIR | 0o700, 0, 0, (0, 0, DIR | 0o700)),
         (DIR | 0o711, 0, 0, (0, 0, DIR | 0o711)),
         (DIR | 0o704, 0, 0, (0, 0, DIR | 0o704)),  # readable, not searchable
-        # O is in the file's group: the group bits are O's
-        (FILE | 0o640, 0, 100, (1000, 100, FILE | 0o440)),
+        (DIR | 0o705, 0, 100, (0, 100, DIR | 0o705)),  # O's group has nothing, other r-x
+        # 1b. usable, not public: O's uid, the REAL gid, O's bits as owner bits
+        (FILE | 0o640, 0, 100, (1000, 100, FILE | 0o440)),  # O reads by its group
         (DIR | 0o750, 0, 100, (1000, 100, DIR | 0o550)),
-        (DIR | 0o705, 0, 100, (0, 100, DIR | 0o705)),  # group has nothing, other r-x
-        # O owns it
-        (FILE | 0o600, 1000, 1000, (1000, 1000, FILE | 0o600)),
+        (FILE | 0o600, 1000, 1000, (1000, 1000, FILE | 0o600)),  # O owns it, private
         (FILE | 0o400, 1000, 1000, (1000, 1000, FILE | 0o400)),
-        # O may read but not execute: no x bit is shown to anyone
-        (FILE | 0o754, 0, 0, (1000, 0, FILE | 0o444)),
-        (FILE | 0o714, 0, 0, (1000, 0, FILE | 0o404)),
-        # the real owner (not in the group) would fall into "other": clamp to its bits
+        (FILE | 0o714, 0, 0, (1000, 0, FILE | 0o404)),  # group has no r; no x for anyone
+        (FILE | 0o445, 0, 0, (1000, 0, FILE | 0o544)),  # owner has no x
+        # ... the real owner (not in the group) would fall into "other": clamp to its bits
         (FILE | 0o004, 1001, 0, (1000, 0, FILE | 0o400)),
         (FILE | 0o044, 1001, 0, (1000, 0, FILE | 0o400)),
         (DIR | 0o155, 1001, 0, (1000, 0, DIR | 0o511)),
-        # setuid/setgid dropped, sticky kept
-        (FILE | 0o4755, 0, 0, (1000, 0, FILE | 0o555)),
-        (DIR | 0o1777, 0, 0, (1000, 0, DIR | 0o1777)),
-        # symlinks are always presented as O's
-        (LNK | 0o777, 0, 0, (1000, 0, LNK | 0o777)),
         # other file types keep everything
         (stat.S_IFIFO | 0o666, 0, 0, (0, 0, stat.S_IFIFO | 0o666)),
     ],
@@ -58,19 +66,40 @@ def test_present(mode: int, uid: int, gid: int, expected: tuple[int, int, int]) 
     assert policy.present(mode, uid, gid, OWNER) == expected
 
 
+#: A uid with no passwd entry (consumers.consumer_for_uid): gid = uid, no known groups.
+NO_PASSWD = Consumer(uid=4321, groups=frozenset(), gid=4321)
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "gid", "expected"),
+    [
+        (FILE | 0o444, 0, 0, (4321, 4321, FILE | 0o444)),
+        # its own gid: the lesser of group and other (it may or may not run with it)
+        (FILE | 0o604, 0, 4321, (0, 4321, FILE | 0o604)),
+        (FILE | 0o640, 0, 4321, (0, 4321, FILE | 0o640)),
+        (FILE | 0o644, 0, 4321, (4321, 4321, FILE | 0o444)),
+    ],
+)
+def test_present_without_passwd_entry(
+    mode: int, uid: int, gid: int, expected: tuple[int, int, int]
+) -> None:
+    assert policy.present(mode, uid, gid, NO_PASSWD) == expected
+
+
 MODES = [0o400, 0o440, 0o404, 0o600, 0o640, 0o604, 0o644, 0o700, 0o750, 0o705, 0o711, 0o111, 0]
 USERS = [
-    Consumer(0, frozenset({0})),
-    Consumer(1000, frozenset({1000, 100})),
-    Consumer(1001, frozenset({1001, 100})),
-    Consumer(2000, frozenset({2000})),
+    Consumer(0, frozenset({0}), 0),
+    Consumer(1000, frozenset({1000, 100}), 1000),
+    Consumer(1001, frozenset({1001, 100}), 1001),
+    Consumer(2000, frozenset({2000, 1000}), 2000),  # a member of O's primary group
+    Consumer(2001, frozenset({2001}), 2001),
 ]
 
 
 @pytest.mark.parametrize("fmt", [FILE, DIR])
 @pytest.mark.parametrize("perm", MODES)
 @pytest.mark.parametrize(
-    ("owner", "group"), [(0, 0), (1001, 1001), (1001, 100), (1000, 1000), (2000, 0), (2000, 100)]
+    ("owner", "group"), [(0, 0), (1001, 1001), (1001, 100), (1000, 1000), (2001, 0), (2001, 100)]
 )
 def test_presented_never_grants_more(fmt: int, perm: int, owner: int, group: int) -> None:
     """For every caller, the presented bits give at most the source's; O gets exactly its own."""
@@ -81,14 +110,133 @@ def test_presented_never_grants_more(fmt: int, perm: int, owner: int, group: int
         shown = policy.class_bits(p_mode, p_uid, p_gid, user.uid, user.groups)
         assert shown & ~real == 0, (oct(mode), owner, group, user)
         if user.uid == OWNER.uid:
-            expected = real
-            if fmt == FILE and p_uid == OWNER.uid and not real & policy.X_OK:
-                expected &= ~policy.X_OK
-            assert shown == expected
-    # Fact 8: presented as O's only where O may already use it.
+            assert shown == real
+    # Fact 8: presented as O's only where O may already use it; O's gid only where public.
     if p_uid == OWNER.uid and p_uid != owner:
         assert policy.usable(mode, policy.class_bits(mode, owner, group, OWNER.uid, OWNER.groups))
-        assert p_gid == group
+    if p_gid == OWNER.gid != group:
+        assert (p_mode >> 3) & 7 == p_mode & 7
+
+
+# --------------------------------------------------------------------------- the kernel's view
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A process as generic_permission() sees it: fsuid, groups, and namespace capabilities.
+
+    *maps* (when not None): the caller is root of a user namespace it made, which
+    maps its own uid and these gids (``unshare -r`` maps the egid; ``sg`` lets a
+    user pick any of its groups as egid). It holds CAP_DAC_OVERRIDE over an inode
+    whose uid and gid both map. uid 0 with *maps* None is root on the host.
+    """
+
+    uid: int
+    groups: frozenset[int]
+    maps: frozenset[int] | None = None
+
+    def privileged_over(self, file_uid: int, file_gid: int) -> bool:
+        if self.maps is None:
+            return self.uid == 0
+        return file_uid == self.uid and file_gid in self.maps
+
+
+def kernel_access(mode: int, file_uid: int, file_gid: int, caller: Caller) -> int:
+    """The rwx bits the kernel grants *caller* on an inode (no ACLs)."""
+    if caller.privileged_over(file_uid, file_gid):
+        x = X if stat.S_ISDIR(mode) or mode & 0o111 else 0
+        return R | W | x
+    return policy.class_bits(mode, file_uid, file_gid, caller.uid, caller.groups)
+
+
+IDS = st.sampled_from([0, 100, 1000, 1001, 2000, 30000, 65534])
+NONROOT = IDS.filter(bool)
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> tuple[int, int, int]:
+    fmt = draw(st.sampled_from([FILE, DIR, LNK, stat.S_IFIFO]))
+    perm = 0o777 if fmt == LNK else draw(st.integers(0, 0o7777))
+    return fmt | perm, draw(IDS), draw(IDS)
+
+
+@st.composite
+def consumers(draw: st.DrawFn) -> Consumer:
+    uid, gid = draw(NONROOT), draw(IDS)
+    groups = draw(st.frozensets(IDS, max_size=3))
+    if draw(st.booleans()):  # a passwd entry: its primary gid is among its groups
+        groups |= {gid}
+    return Consumer(uid, groups, gid)
+
+
+def callers(consumer: Consumer, file_uid: int, file_gid: int) -> Iterator[Caller]:
+    """Everyone who matters: root, any user in any of the groups at stake, O, namespace roots.
+
+    O's processes are in the groups the group database gives O (the premise of
+    presenting by O's class), with or without its gid when that is not among them.
+    """
+    at_stake = {file_gid, consumer.gid}
+    group_sets = {frozenset(), *(frozenset({g}) for g in at_stake), frozenset(at_stake)}
+    own_with_gid = consumer.groups | {consumer.gid}
+    group_sets |= {consumer.groups, own_with_gid}
+    for uid in {0, 2001, file_uid, consumer.uid}:
+        for groups in group_sets:
+            if uid == consumer.uid and groups not in (consumer.groups, own_with_gid):
+                continue
+            yield Caller(uid, groups)
+            if uid != 0:
+                for maps in {*(frozenset({g}) for g in groups), groups} - {frozenset()}:
+                    yield Caller(uid, groups, maps)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(entry=entries(), consumer=consumers())
+def test_presented_never_grants_more_to_anyone(
+    entry: tuple[int, int, int], consumer: Consumer
+) -> None:
+    """Through the presented entry nobody reads or executes more than on the source.
+
+    Only O's namespace root may gain write access (refused: the mount is ``ro``;
+    an overlay writes to its upper layer). O itself, with the groups the group
+    database gives it, gets exactly its source access.
+    """
+    mode, file_uid, file_gid = entry
+    p_uid, p_gid, p_mode = policy.present(mode, file_uid, file_gid, consumer)
+    shown = (oct(p_mode), p_uid, p_gid)
+    for caller in callers(consumer, file_uid, file_gid):
+        src = kernel_access(mode, file_uid, file_gid, caller)
+        mnt = kernel_access(p_mode, p_uid, p_gid, caller)
+        assert mnt & (R | X) & ~src == 0, (caller, shown)
+        if not (caller.uid == consumer.uid and caller.maps is not None):
+            assert mnt & ~src == 0, (caller, shown)
+        if caller == Caller(consumer.uid, consumer.groups) and consumer.gid in consumer.groups:
+            assert mnt == src, (caller, shown)
+    assert not p_mode & (stat.S_ISUID | stat.S_ISGID) or (p_uid, p_gid) == (file_uid, file_gid)
+
+
+def test_presentation_is_cached() -> None:
+    policy.present.cache_clear()
+    policy.present(FILE | 0o444, 0, 0, OWNER)
+    policy.present(FILE | 0o444, 0, 0, Consumer(1000, frozenset({1000, 100}), 1000))
+    assert policy.present.cache_info().hits == 1
+
+
+def test_consumer_for_uid() -> None:
+    """The primary gid from passwd; a uid with no passwd entry: gid = uid, no groups known."""
+    entry = pwd.getpwnam("nobody")
+    nobody = consumer_for_uid(entry.pw_uid)
+    assert (nobody.uid, nobody.gid) == (entry.pw_uid, entry.pw_gid)
+    assert entry.pw_gid in nobody.groups
+    unused = next(u for u in range(4_000_000, 4_001_000) if not _has_passwd(u))
+    assert consumer_for_uid(unused) == Consumer(unused, frozenset(), unused)
+
+
+def _has_passwd(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import pwd
 import random
 import stat
 from collections import Counter
@@ -48,6 +47,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from noatimefs import policy
+from noatimefs.consumers import consumer_for_uid
 
 pytestmark = pytest.mark.mount
 
@@ -74,8 +74,7 @@ FIGURES: Counter[str] = Counter()
 
 def consumer() -> policy.Consumer:
     """The presented owner the daemon resolves for ``--owner 65534`` (cli.resolve_owner)."""
-    entry = pwd.getpwuid(OWNER_UID)
-    return policy.Consumer(OWNER_UID, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    return consumer_for_uid(OWNER_UID)
 
 
 # --------------------------------------------------------------------------- trees

@@ -7,8 +7,9 @@ import pwd
 
 import pytest
 
+from noatimefs.consumers import consumer_for_uid
 from noatimefs.errors import Exit, QuietError
-from noatimefs.views import MAX_UID, Allow, consumer_for_uid, parse_uid
+from noatimefs.views import MAX_UID, Allow, parse_uid
 
 
 @pytest.mark.parametrize(

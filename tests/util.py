@@ -16,6 +16,8 @@ cannot hide a failure.
 - :func:`world_tmpdir` makes a temp dir every user can traverse (pytest's
   ``tmp_path`` lives under a 0700 directory) and refuses to delete it while
   something is mounted below it.
+- :func:`dev_fuse_open_to_users` opens ``/dev/fuse`` to every user (0666) for
+  a block, for unprivileged FUSE daemons, and restores its mode.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ __all__ = [
     "Userns",
     "current_seq",
     "daemon_argv",
+    "dev_fuse_open_to_users",
     "errno_of",
     "fuse_available",
     "manifest",
@@ -592,8 +595,9 @@ def list_dir(p, flags=0):
             os.close(fd)
     return sorted(os.listdir(p))
 
-def mount_overlay(lower, upper, work, merged):
-    opts = "lowerdir=%s,upperdir=%s,workdir=%s" % (lower, upper, work)
+def mount_overlay(lower, upper, work, merged, options=""):
+    # options: more mount options, e.g. "userxattr," (what rootless tools pass)
+    opts = options + "lowerdir=%s,upperdir=%s,workdir=%s" % (lower, upper, work)
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged],
                    check=True, capture_output=True, text=True)
 """
@@ -774,6 +778,38 @@ def manifest_diff(before: Mapping[str, Any], after: Mapping[str, Any], limit: in
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more"]
     return "\n".join(lines)
+
+
+_DEV_FUSE_LOCK = Path("/run/lock/noatimefs-test-dev-fuse.lock")
+_dev_fuse_depth: list[int] = []  # the modes to restore, while /dev/fuse is held open
+
+
+@contextlib.contextmanager
+def dev_fuse_open_to_users() -> Iterator[None]:
+    """``/dev/fuse`` mode 0666 (Debian's default) for the caller's duration, then as it was.
+
+    Here it is 0600 (DESIGN.md, fact 9), so unprivileged FUSE daemons (a rootless
+    noatimefs, fuse-overlayfs) cannot open it. The mode found is restored in a
+    ``finally``, whatever happens; a lock serialises the tests that change it
+    (across processes; nested uses in one process are no-ops).
+    """
+    import fcntl
+
+    if os.geteuid() != 0:
+        pytest.skip("changing the mode of /dev/fuse needs root")
+    if _dev_fuse_depth:  # nested: the outer one holds the lock and restores the mode
+        yield
+        return
+    with open(_DEV_FUSE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        _dev_fuse_depth.append(before)
+        try:
+            os.chmod("/dev/fuse", 0o666)
+            yield
+        finally:
+            os.chmod("/dev/fuse", before)
+            _dev_fuse_depth.pop()
 
 
 #: Where systemd units and mount.fuse3 find the command (they do not see the venv).

@@ -15,8 +15,17 @@ is no nixpkgs: the derivations of ``nix/readers.nix`` are plain
 The reader opens every directory and file below a directory with
 ``O_RDONLY|O_NOATIME`` and writes what it read ($out); :class:`Reading` is
 that output parsed. With a barrier (a host directory every build may write,
-bound in too) the N builds wait for each other, so they read at the same time,
-each as its own build user.
+bound in too: Nix 2.8 binds ``sandbox-paths`` read-write) the N builds wait
+for each other, so they read at the same time, each as its own build user.
+
+Facts of Nix 2.8 on Debian 12 these rely on: the sandbox works as root
+without ``nix-daemon`` (despite the comment in Debian's ``nix.conf``);
+``build-users-group`` is ``nixbld`` by default; a later ``sandbox =`` line in
+``nix.conf`` overrides Debian's ``sandbox = false``; ``--option
+extra-sandbox-paths`` adds to ``nix.conf``'s list while ``--option
+sandbox-paths`` replaces it; a build's ``PATH`` is unset (``/path-not-set``)
+unless the derivation sets it; a bind source is reached with the build
+user's rights (a kernel under ``/root/.cache`` is not: it is copied first).
 
 Every store path a build makes (outputs and ``.drv`` files) is deleted again.
 """

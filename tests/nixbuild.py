@@ -24,8 +24,8 @@ without ``nix-daemon`` (despite the comment in Debian's ``nix.conf``);
 ``nix.conf`` overrides Debian's ``sandbox = false``; ``--option
 extra-sandbox-paths`` adds to ``nix.conf``'s list while ``--option
 sandbox-paths`` replaces it; a build's ``PATH`` is unset (``/path-not-set``)
-unless the derivation sets it; a bind source is reached with the build
-user's rights (a kernel under ``/root/.cache`` is not: it is copied first).
+unless the derivation sets it; a bind source is reached as root (a file below
+the 0700 ``/root`` can be bound) and then read with the build user's rights.
 
 Every store path a build makes (outputs and ``.drv`` files) is deleted again.
 """

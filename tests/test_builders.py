@@ -397,17 +397,17 @@ def guest_store() -> Iterator[Path]:
 
 
 def boot_in_build(
-    image: guest.GuestImage, bind: str, work: Path, builds: nixbuild.Builds
+    image: guest.GuestImage, bind: str, builds: nixbuild.Builds
 ) -> tuple[guest.GuestRun, list[test_qemu.Open]]:
     """Boot the guest in a sandboxed build, QEMU under strace exporting ``BOUND/self``.
 
     *bind* (a sandbox path) puts it there: a ``--per-user`` mount at ``BOUND``,
     or (the control) the store itself at ``BOUND/self``.
     """
-    # The kernel and initrd where the sandbox's setup (the build user) can reach them.
+    guest_files = []
     for src in (image.kernel, image.initrd):
-        shutil.copyfile(src, work / src.name)
-        (work / src.name).chmod(0o644)
+        src.chmod(0o644)  # read by the build user (the cache's directory may stay private)
+        guest_files.append(f"{GUEST_DIR}/{src.name}={src}")
     qemu = guest.qemu_argv(
         Path(GUEST_DIR, image.kernel.name),
         Path(GUEST_DIR, image.initrd.name),
@@ -424,7 +424,7 @@ def boot_in_build(
     (out,) = builds.build(
         QEMU_NIX,
         {"nonce": nixbuild.nonce(), "argv": json.dumps(argv)},
-        [*HOST_TOOLS, f"{GUEST_DIR}={work}", bind],
+        [*HOST_TOOLS, *guest_files, bind],
         max_jobs=1,
         extra=["--option", "timeout", str(int(test_qemu.BOOT_TIMEOUT))],
     )
@@ -447,11 +447,10 @@ def test_qemu_guest_booted_inside_a_sandboxed_build(
     guest_image: guest.GuestImage,
     guest_store: Path,
     builds: nixbuild.Builds,
-    world_tmp: Path,
 ) -> None:
     """The 2019 scenario: QEMU in a build, as the build user, exporting ``…/self`` over 9p."""
     with util.mounted(guest_store, None, "--per-user", "--owner", "@nixbld", allow_other=True) as m:
-        run, opens = boot_in_build(guest_image, f"{BOUND}={m.path}", world_tmp, builds)
+        run, opens = boot_in_build(guest_image, f"{BOUND}={m.path}", builds)
         status = m.status()
     test_qemu.assert_guest_ok(run, guest_store)
 
@@ -478,10 +477,9 @@ def test_qemu_guest_in_a_build_on_the_source_itself_gets_eperm(
     guest_image: guest.GuestImage,
     guest_store: Path,
     builds: nixbuild.Builds,
-    world_tmp: Path,
 ) -> None:
     """The control: the same build exporting the root-owned store itself."""
-    run, opens = boot_in_build(guest_image, f"{BOUND}/self={guest_store}", world_tmp, builds)
+    run, opens = boot_in_build(guest_image, f"{BOUND}/self={guest_store}", builds)
     test_qemu.assert_guest_ok(run, guest_store)  # QEMU retries without the flag
     share = Path(BOUND, "self")
     exported = test_qemu.below(opens, share)

@@ -9,23 +9,22 @@ and then a clean unmount and exit 0.
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import units
 import util
+from units import NotifySocket, escape_path, expand, read_env_file, service_section, systemd_tool
 
 from noatimefs import notify
 
@@ -61,59 +60,6 @@ def installed() -> Iterator[Path]:
         yield link
 
 
-def systemd_tool(name: str) -> str:
-    """*name* (systemd-analyze, systemd-escape), installing Debian's systemd if missing."""
-    path = shutil.which(name)
-    if path is None:
-        if os.geteuid() != 0:
-            pytest.skip(f"{name} is missing and installing systemd needs root")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-q", "systemd"], env=env, check=True)
-        path = shutil.which(name)
-    assert path is not None, f"no {name} even after installing systemd"
-    return path
-
-
-def service_section(unit: Path) -> Mapping[str, str]:
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(unit.read_text())
-    return parser["Service"]
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";")):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    return env
-
-
-def expand(line: str, env: Mapping[str, str], specifiers: Mapping[str, str]) -> list[str]:
-    """An Exec line as systemd runs it: prefixes off, ``%x``, ``${VAR}``, ``$VAR`` (split)."""
-    words = shlex.split(line.lstrip("-@+!:"))
-    argv: list[str] = []
-    for word in words:
-        word = re.sub(r"%([a-zA-Z%])", lambda m: specifiers[m.group(1)], word)
-        whole = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
-        if whole:
-            argv += env.get(whole.group(1), "").split()
-            continue
-        argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env[m.group(1)], word))
-    return argv
-
-
-def escape_path(path: Path) -> str:
-    return subprocess.run(
-        [systemd_tool("systemd-escape"), "--path", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-
-
 # --------------------------------------------------------------------------- the unit file
 
 
@@ -122,12 +68,15 @@ def test_unit_is_type_notify_restarts_on_failure_and_clears_stale_mounts() -> No
     assert service["Type"] == "notify"
     assert service["Restart"] == "on-failure"
     assert service["EnvironmentFile"] == "/etc/noatimefs/%i.conf"
-    for key in ("ExecStartPre", "ExecStopPost"):
-        argv = shlex.split(service[key])
-        assert argv[0].startswith("-"), f"{key} failure must be ignored: {argv}"
+    # First a dead mount is cleared, then a missing mountpoint (/run/...) is made.
+    clear, make = (shlex.split(line) for line in units.exec_lines(TEMPLATE, "ExecStartPre"))
+    (after,) = (shlex.split(line) for line in units.exec_lines(TEMPLATE, "ExecStopPost"))
+    for argv in (clear, after):
+        assert argv[0].startswith("-"), f"a failure to unmount must be ignored: {argv}"
         assert argv[0].lstrip("-").endswith("/fusermount3"), argv
         assert "-u" in argv
         assert argv[-1] == "%f", argv
+    assert make == ["-/bin/mkdir", "-p", "%f"], make
     for key in FORBIDDEN:
         assert key not in service, f"{key}= cuts the unit off from mount propagation"
     env = read_env_file(EXAMPLE_CONF)
@@ -158,32 +107,6 @@ def test_unit_files_pass_systemd_analyze_verify(installed: Path, world_tmp: Path
 
 
 # --------------------------------------------------------------------------- ExecStart + sd_notify
-
-
-class NotifySocket:
-    """An ``AF_UNIX`` datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-
-    def receive(self, proc: subprocess.Popen[bytes], describe: str) -> list[str]:
-        """The next message's lines; fail if *proc* exits first or at the deadline."""
-        end = time.monotonic() + util.DAEMON_DEADLINE
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no notification in {util.DAEMON_DEADLINE} s\n{describe}")
-            # The short cap re-checks that the daemon is alive; a message wakes us at once.
-            ready, _, _ = select.select([self.sock], [], [], min(left, 0.2))
-            if ready:
-                return self.sock.recv(4096).decode().split("\n")
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode} first\n{describe}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.mount

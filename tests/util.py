@@ -45,8 +45,16 @@ import pytest
 
 __all__ = [
     "DAEMON_DEADLINE",
+    "CONF_DIR",
     "INSTALLED_LINK",
+    "INSTALLED_UNIT",
+    "INSTALL_PREFIX",
+    "REPO",
+    "dev",
+    "install_lock",
     "installed_command",
+    "leftovers_of_install",
+    "system_installed",
     "unchanged_store",
     "NOBODY",
     "PROBE_LIB",
@@ -54,6 +62,7 @@ __all__ = [
     "SYSTEM_PYTHON",
     "REGISTRY",
     "DaemonDied",
+    "Installed",
     "Mount",
     "MountEntry",
     "Userns",
@@ -806,6 +815,24 @@ def dev_fuse_open_to_users() -> Iterator[None]:
 #: Where systemd units and mount.fuse3 find the command (they do not see the venv).
 INSTALLED_LINK = Path("/usr/local/bin/noatimefs")
 _INSTALL_LOCK = Path("/run/lock/noatimefs-test-install.lock")
+#: The clone this test suite belongs to (``./dev`` is there).
+REPO = Path(__file__).resolve().parent.parent
+#: What ``./dev install`` makes besides INSTALLED_LINK (its defaults).
+INSTALL_PREFIX = Path("/opt/noatimefs")
+INSTALLED_UNIT = Path("/etc/systemd/system/noatimefs@.service")
+CONF_DIR = Path("/etc/noatimefs")
+
+
+@contextlib.contextmanager
+def install_lock() -> Iterator[None]:
+    """Held while a test changes the system-wide install (another session may test too)."""
+    import fcntl
+
+    if os.geteuid() != 0:
+        pytest.skip("installing noatimefs system-wide needs root")
+    with open(_INSTALL_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager
@@ -815,14 +842,9 @@ def installed_command() -> Iterator[Path]:
     An existing link to the same target is used as it is; anything else there is
     never touched (the test fails instead).
     """
-    import fcntl
-
     target = Path(sys.executable).parent / "noatimefs"
     assert target.is_file(), target
-    if os.geteuid() != 0:
-        pytest.skip("installing /usr/local/bin/noatimefs needs root")
-    with open(_INSTALL_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be using the link
+    with install_lock():
         created = False
         if INSTALLED_LINK.is_symlink() or INSTALLED_LINK.exists():
             if os.path.realpath(INSTALLED_LINK) != os.path.realpath(target):
@@ -835,6 +857,56 @@ def installed_command() -> Iterator[Path]:
         finally:
             if created:
                 INSTALLED_LINK.unlink()
+
+
+def dev(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``REPO/dev ARGS`` (output captured, no check)."""
+    return subprocess.run(
+        [str(REPO / "dev"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def leftovers_of_install() -> list[str]:
+    """What of ``./dev install``'s default places exists now."""
+    places = [INSTALLED_LINK, INSTALL_PREFIX, INSTALLED_UNIT, CONF_DIR / "noatimefs.conf.example"]
+    return [str(p) for p in places if p.is_symlink() or p.exists()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Installed:
+    """What :func:`system_installed` did: ``./dev install``'s output and how long it took."""
+
+    output: str
+    seconds: float
+
+
+@contextlib.contextmanager
+def system_installed() -> Iterator[Installed]:
+    """``./dev install`` for the block (under :func:`install_lock`), ``./dev uninstall`` after.
+
+    Fails, touching nothing, when something is already installed there.
+    """
+    with install_lock():
+        there = leftovers_of_install()
+        if there:
+            pytest.fail(
+                f"noatimefs is already installed here ({', '.join(there)}): not touching it"
+            )
+        start = time.monotonic()
+        r = dev("install")
+        seconds = time.monotonic() - start
+        try:
+            assert r.returncode == 0, f"./dev install: exit {r.returncode}\n{r.stdout}{r.stderr}"
+            yield Installed(r.stdout + r.stderr, seconds)
+        finally:
+            u = dev("uninstall")
+            assert u.returncode == 0, f"./dev uninstall: exit {u.returncode}\n{u.stdout}{u.stderr}"
 
 
 @contextlib.contextmanager

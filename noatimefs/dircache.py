@@ -16,10 +16,11 @@ must be listed at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-Key = tuple[int, int]
+Key = Hashable  # a directory's backing identity
 E = TypeVar("E")
 
 

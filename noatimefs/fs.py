@@ -53,9 +53,9 @@ import trio
 
 from noatimefs import loop, policy, procinfo
 from noatimefs.dircache import DirCache
-from noatimefs.inodes import ROOT_ID, InodeTable, Node
+from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node, identity
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
-from noatimefs.source import O_PATH, Source, proc_path
+from noatimefs.source import O_PATH, Source, identify, incarnation, proc_path
 from noatimefs.stats import Stats
 from noatimefs.walkahead import WalkAhead
 from noatimefs.watch import (
@@ -98,7 +98,7 @@ def _erofs() -> pyfuse3.FUSEError:
 
 
 #: A listed entry: its name, backing identity, and the attributes readdir sends.
-_Listed = tuple[bytes, tuple[int, int], pyfuse3.EntryAttributes]
+_Listed = tuple[bytes, Identity, pyfuse3.EntryAttributes]
 
 
 @dataclass(slots=True)
@@ -131,7 +131,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.consumer = consumer
         self.timeout = timeout
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
-        self.inodes = InodeTable(os.stat(source.root_fd))
+        self.inodes = InodeTable(os.stat(source.root_fd), incarnation(source.root_fd))
         self.files: dict[int, _FileHandle] = {}  # fh is the backing fd
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
@@ -140,7 +140,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.read_ahead = ReadAhead(source)
         self.walk_ahead = WalkAhead(source.root_fd)
-        self._read_ahead_at: dict[tuple[int, int], float] = {}  # directory -> when
+        self._read_ahead_at: dict[Identity, float] = {}  # directory -> when
         self._data_walked = b""  # the store path last named to walk ahead with its data
 
     def init(self) -> None:
@@ -183,34 +183,40 @@ class NoatimeFS(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
+    @staticmethod
+    def _check(node: Node, fd: int) -> os.stat_result:
+        """``fstat`` of *fd*, opened by *node*'s path; ``ESTALE`` (fd closed) if not *node*'s file.
+
+        The incarnation is compared too (one more system call), where *node* has one.
+        """
+        st = os.fstat(fd)
+        if not node.is_backed_by(st, incarnation(fd) if node.key[2] is not None else None):
+            os.close(fd)
+            raise _stale()
+        return st
+
     def _open_dir(self, node: Node) -> int:
         """An ``O_PATH`` descriptor on directory *node*, checked to still be it."""
         if node is self.inodes.root:
             return os.dup(self.source.root_fd)
         fd = self.source.open(node.path(), O_PATH | os.O_DIRECTORY)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.key:
-            os.close(fd)
-            raise _stale()
+        self._check(node, fd)
         return fd
 
-    def _lstat_child(self, parent: Node, name: bytes) -> os.stat_result:
+    def _identify_child(self, parent: Node, name: bytes) -> tuple[os.stat_result, bytes | None]:
+        """``lstat`` and incarnation of *name* in *parent* (:func:`noatimefs.source.identify`)."""
         if parent is self.inodes.root:
-            return os.stat(name, dir_fd=self.source.root_fd, follow_symlinks=False)
+            return identify(self.source.root_fd, name)
         fd = self._open_dir(parent)
         try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return identify(fd, name)
         finally:
             os.close(fd)
 
     def _open_node(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
         """Open *node* itself (no trailing symlink followed) and check it is still it."""
         fd = self.source.open(node.path(), flags | os.O_NOFOLLOW)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.key:
-            os.close(fd)
-            raise _stale()
-        return fd, st
+        return fd, self._check(node, fd)
 
     def _fstat_open(self, node: Node) -> os.stat_result | None:
         """``fstat`` of a file handle open on *node*; None when none is."""
@@ -221,12 +227,12 @@ class NoatimeFS(pyfuse3.Operations):
         return None
 
     def _open_current(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
-        """:meth:`_open_node`, refusing a recycled inode number with ``ESTALE``.
+        """:meth:`_open_node`, also refusing a changed ctime with ``ESTALE``.
 
-        ext4 hands a freed inode number straight to the next new file, so the
-        identity check alone can pass for another file (a symlink swapped for
-        another symlink); its new ctime bumps the generation, and ``ESTALE``
-        makes the kernel look the name up afresh.
+        Where SOURCE's filesystem gives no incarnation, a recycled inode number
+        passes the identity check (ext4 hands a freed number straight to the
+        next new file); its new ctime bumps the generation, and ``ESTALE``
+        makes the kernel look the name up afresh (:mod:`noatimefs.inodes`).
         """
         fd, st = self._open_node(node, flags)
         if self.inodes.refresh(node, st):
@@ -250,8 +256,8 @@ class NoatimeFS(pyfuse3.Operations):
         # A store path SOURCE no longer holds in memory: what follows it will be cold too.
         cold = parent is self.inodes.root and not self.source.in_memory(name)
         with _errors():
-            st = self._lstat_child(parent, name)
-        node = self.inodes.remember(parent, name, st)
+            st, inc = self._identify_child(parent, name)
+        node = self.inodes.remember(parent, name, st, inc)
         if cold and stat.S_ISDIR(st.st_mode):
             self.walk_ahead.want(name, onward=False)
         return self._entry(node, st)
@@ -429,8 +435,7 @@ class NoatimeFS(pyfuse3.Operations):
                 else:
                     entries = [
                         (name, key, self._attributes(st, self.inodes.node_id(key), 0))
-                        for name, st in self._list(fd)
-                        for key in ((st.st_dev, st.st_ino),)
+                        for name, st, key in self._list(fd)
                     ]
                     self.inodes.refresh(node, dir_st)
                     if node is not self.inodes.root:
@@ -447,16 +452,21 @@ class NoatimeFS(pyfuse3.Operations):
         return pyfuse3.FileHandleT(fh)
 
     @staticmethod
-    def _list(fd: int) -> list[tuple[bytes, os.stat_result]]:
-        """Names and lstat results of the directory open on *fd*, in readdir order."""
+    def _list(fd: int) -> list[tuple[bytes, os.stat_result, Identity]]:
+        """Names, lstat results and identities of the directory open on *fd*, in readdir order."""
         entries = []
         with os.scandir(fd) as it:
             for entry in it:
+                name = os.fsencode(entry.name)
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    st, inc = identify(fd, name)
                 except FileNotFoundError:
                     continue  # removed since it was listed
-                entries.append((os.fsencode(entry.name), st))
+                except OSError as exc:
+                    if exc.errno != errno.ESTALE:
+                        raise
+                    continue  # replaced again and again meanwhile: churning, not there to stay
+                entries.append((name, st, identity(st, inc)))
         return entries
 
     async def readdir(
@@ -469,7 +479,9 @@ class NoatimeFS(pyfuse3.Operations):
         for index in range(start_id, len(entries)):
             name, key, attr = entries[index]
             mode, ctime_ns = attr.st_mode, attr.st_ctime_ns
-            _, gen = inodes.peek(key, mode, ctime_ns)
+            node_id, gen = inodes.peek(key, mode, ctime_ns)
+            if attr.st_ino != node_id:  # another node holds its preferred id by now
+                attr.st_ino = node_id
             if attr.generation != gen:
                 attr.generation = gen
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):

@@ -18,7 +18,8 @@ Caveats
 * ``.`` and ``..`` are not listed by readdir and ``..`` is never looked up
   (no NFS export support).
 * An entry renamed or replaced in SOURCE behind a remembered inode answers
-  ``ESTALE``; the kernel then looks the path up afresh.
+  ``ESTALE``; the kernel then looks the path up afresh. A new file that took
+  a remembered file's inode number is another inode (:mod:`noatimefs.inodes`).
 
 Concurrency contract
 --------------------
@@ -462,10 +463,6 @@ class NoatimeFS(pyfuse3.Operations):
                     st, inc = identify(fd, name)
                 except FileNotFoundError:
                     continue  # removed since it was listed
-                except OSError as exc:
-                    if exc.errno != errno.ESTALE:
-                        raise
-                    continue  # replaced again and again meanwhile: churning, not there to stay
                 entries.append((name, st, identity(st, inc)))
         return entries
 

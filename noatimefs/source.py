@@ -167,7 +167,6 @@ _name_to_handle_at = ctypes.CFUNCTYPE(
     use_errno=True,
 )(("name_to_handle_at", _libc))
 _fid_flag = _AT_HANDLE_FID
-_identify_tries = 3
 
 
 class _HandleBuffer:
@@ -217,20 +216,16 @@ def incarnation(dirfd: int, name: bytes = b"") -> bytes | None:
 def identify(dirfd: int, name: bytes) -> tuple[os.stat_result, bytes | None]:
     """``lstat`` of *name* in *dirfd* and its :func:`incarnation`, of one and the same file.
 
-    The handle is taken before and after the ``lstat``: when both are the same,
-    the stat is of that incarnation, or of a file with another inode number (a
-    name swapped and swapped back meanwhile), which no node of that
-    incarnation can be confused with. A name replaced meanwhile is tried again
-    a few times, then answers ``ESTALE``.
+    Both are taken through one short-lived ``O_PATH | O_NOFOLLOW`` descriptor on
+    *name*, which holds the file while they are (a name replaced between an
+    ``lstat`` and a handle taken by name would pair one file's attributes with
+    another's incarnation). *name* is one path component, as FUSE sends it.
     """
-    for _ in range(_identify_tries):
-        before = incarnation(dirfd, name)
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        if before is None:
-            return st, None
-        if incarnation(dirfd, name) == before:
-            return st, before
-    raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), os.fsdecode(name))
+    fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return os.fstat(fd), incarnation(fd)
+    finally:
+        os.close(fd)
 
 
 def proc_path(fd: int) -> str:

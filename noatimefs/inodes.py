@@ -39,19 +39,21 @@ Spill ids are never reused.
 Without a handle
 ----------------
 Where the filesystem gives none (``EOPNOTSUPP``: kernels before 6.7 on a
-filesystem without export support), the incarnation is None and a recycled
-number is the same identity, caught only by a heuristic: when a lookup finds
-the identity it remembers with another file type, or (for a non-directory no
-handle is open on) another ``st_ctime_ns``, the node's generation is bumped,
-and since the kernel compares the generation of every entry reply with the
-inode it holds (``fuse_stale_inode``) it retires the old inode and its page
-cache instead of serving the old bytes under the new name. A new file created
-within the same clock tick as the old one's last change, of the same type,
-slips through: until its name is looked up again, a caller holding the old
-name cached may then be answered with the new file's link text, attributes or
-bytes. (A filesystem with no generation, 9p or FUSE among them, gives a
-handle that tells no more than the inode number: the same holds there.) The
-heuristic runs on every filesystem: a file changed in place gets a new
+filesystem without export support), the incarnation is None; where it keeps
+no generation (9p, or a FUSE filesystem that reports none) the handle tells no
+more than the inode number. There a recycled number is the same identity,
+caught only by a heuristic: when a lookup finds the identity it remembers
+with another file type, or (for a non-directory no handle is open on) another
+``st_ctime_ns``, the node's generation is bumped, and since the kernel
+compares the generation of every entry reply with the inode it holds
+(``fuse_stale_inode``) it retires the old inode and its page cache instead of
+serving the old bytes under the new name. A new file of the same type whose
+ctime equals the old one's (created within the same clock tick as the old
+one's last change), or a request the kernel had in flight while the daemon
+answered the new file's lookup, slips through: a caller holding the old name
+may then be answered with the new file's link text, attributes or bytes.
+
+The heuristic runs on every filesystem: a file changed in place gets a new
 generation too, and the kernel drops its cached pages. A file with an open
 handle cannot have its number reused (the handle keeps the old inode alive),
 so open files are never disturbed.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
-from noatimefs.source import identify, incarnation
+from noatimefs.source import Source, identify, incarnation
 
 REG = stat.S_IFREG | 0o444
 LNK = stat.S_IFLNK | 0o777
@@ -163,3 +163,69 @@ def test_identify_missing_name_raises(tmp_path: Path) -> None:
             identify(fd, b"nope")
     finally:
         os.close(fd)
+
+
+# -- in the daemon, without a mount ----------------------------------------
+
+
+def _reuse_number(d: Path, old: str, new: str) -> bool:
+    """Replace *old* by a new file *new*; whether it got the old inode number."""
+    ino = (d / old).stat().st_ino
+    (d / old).unlink()
+    (d / new).write_bytes(b"new")
+    return (d / new).stat().st_ino == ino
+
+
+@pytest.mark.parametrize("handles", [True, False], ids=["handles", "no-handles"])
+def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handles: bool
+) -> None:
+    import pyfuse3
+    import trio
+
+    import noatimefs.fs as fsmod
+    from noatimefs import policy
+
+    if not handles:  # a filesystem without file handles: the ctime heuristic alone
+        monkeypatch.setattr(fsmod, "incarnation", lambda fd, name=b"": None)
+        monkeypatch.setattr(
+            fsmod,
+            "identify",
+            lambda dirfd, name: (os.stat(name, dir_fd=dirfd, follow_symlinks=False), None),
+        )
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"old")
+    source = Source(str(src))
+    ops = fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0})), daemon_uid=0)
+
+    class Ctx:
+        uid = gid = 0
+        pid = os.getpid()
+        umask = 0o022
+
+    async def lookup(parent: int, name: bytes) -> tuple[int, int]:
+        attr = await ops.lookup(parent, name, Ctx())  # type: ignore[arg-type]
+        return attr.st_ino, attr.generation
+
+    async def main() -> None:
+        d, _ = await lookup(ROOT_ID, b"d")
+        a, a_gen = await lookup(d, b"a")
+        assert (ops.inodes.get(a).key[2] is None) is not handles
+        if not _reuse_number(src / "d", "a", "b"):
+            pytest.skip("this filesystem did not reuse the inode number")
+        b, b_gen = await lookup(d, b"b")
+        if handles:
+            assert b != a  # another node: the old one still answers for a, gone
+            assert ops.inodes.get(a).name == b"a"
+            with pytest.raises(pyfuse3.FUSEError):
+                await ops.getattr(a, Ctx())  # type: ignore[arg-type]
+        else:
+            assert (b, b_gen) == (a, a_gen + 1)  # the same node, a new generation
+            assert ops.inodes.get(a).name == b"b"
+
+    try:
+        trio.run(main)
+    finally:
+        ops.close()
+        source.close()

@@ -6,8 +6,12 @@ import os
 import stat
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 
+import noatimefs.fs as fsmod
+from noatimefs import policy
 from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
 from noatimefs.source import Source, identify, incarnation
 
@@ -180,12 +184,6 @@ def _reuse_number(d: Path, old: str, new: str) -> bool:
 def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handles: bool
 ) -> None:
-    import pyfuse3
-    import trio
-
-    import noatimefs.fs as fsmod
-    from noatimefs import policy
-
     if not handles:  # a filesystem without file handles: the ctime heuristic alone
         monkeypatch.setattr(fsmod, "incarnation", lambda fd, name=b"": None)
         monkeypatch.setattr(

@@ -244,13 +244,14 @@ _SCRATCH_SIZES = {"ext4": 32 << 20, "xfs": 320 << 20, "btrfs": 128 << 20}
 def scratch_fs(where: Path, fstype: str) -> Iterator[Path]:
     """A fresh *fstype* (ext4, xfs, btrfs: an image on a loop device; or tmpfs) on *where*/fs.
 
-    The mounted root is 0755. Skips when it cannot be made or mounted here (a
-    failure with ``CI=true``, where ``./dev`` installs every mkfs used).
+    The mounted root is 0755. Skips when it cannot be made or mounted here; with
+    ``CI=true`` that is a failure for ext4 and tmpfs (xfs and btrfs need kernel
+    support a CI machine may lack; ``./dev`` installs their mkfs).
     """
 
     def cannot(why: str) -> None:
         msg = f"cannot mount a scratch {fstype}: {why}"
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI") == "true" and fstype in ("ext4", "tmpfs"):
             pytest.fail(msg + " (CI=true: this is a failure, not a skip)", pytrace=False)
         pytest.skip(msg)
 

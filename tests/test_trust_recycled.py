@@ -1,8 +1,9 @@
 """A file replaced by a new one that gets its inode number: never the other file's answer.
 
-ext4 hands a freed inode number to the next new file at once (xfs once the
-freeing is on the log: the test syncs); tmpfs and btrfs number new files from a
-counter and never do, and the test skips there, saying so. Each round:
+ext4 hands a freed inode number to the next new file at once; xfs to one of the
+next few hundred (the test makes candidates until one gets it); tmpfs and
+btrfs number new files from a counter and never do, and the test skips there,
+saying so. Each round:
 
 1. SOURCE/d/o<r> is created (a symlink, a regular file, or a directory with one
    entry), and a reader caches it through the mount: a symlink or directory is
@@ -10,8 +11,9 @@ counter and never do, and the test skips there, saying so. Each round:
 2. it is removed in SOURCE, and a prober thread starts asking for it through
    what the reader holds (``readlink`` of the held symlink, ``open`` + ``read``
    of the cached name, listing the held directory and looking up in it);
-3. a new file of the same kind is created, at a new name n<r> or (every other
-   round) at the old name, and kept only if it got the old inode number;
+3. a new file of the same kind that got the old inode number is put at a new
+   name n<r> or (every other round) at the old name (candidates are made
+   under other names until one gets it, :data:`TRIES` at most);
 4. the reader looks the new file up through the mount and reads it, while the
    prober still asks (every request the kernel had in flight when the daemon
    answered the lookup is one more chance for a wrong answer).
@@ -44,6 +46,8 @@ ROUNDS = 40
 ROUNDS_SLOW = 400
 KINDS = ("symlink", "file", "dir")
 FILESYSTEMS = ("ext4", "xfs", "tmpfs", "btrfs")
+#: New files made at most, per round, to get the old file's inode number.
+TRIES = 300
 #: Errors an answer about a file gone from SOURCE may be.
 GONE = (errno.ENOENT, errno.ESTALE, errno.EIO)
 
@@ -80,6 +84,26 @@ def remove(kind: str, path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def make_reusing(kind: str, d: Path, name: str, tag: str, ino: int) -> bool:
+    """Put file *tag* at *d*/*name*, made under other names until one gets inode *ino*.
+
+    Whether one did (the others are removed again).
+    """
+    others = []
+    try:
+        for k in range(TRIES):
+            candidate = d / f".c{k}"
+            make(kind, candidate, tag)
+            if os.lstat(candidate).st_ino == ino:
+                candidate.rename(d / name)
+                return True
+            others.append(candidate)
+        return False
+    finally:
+        for candidate in others:
+            remove(kind, candidate)
 
 
 def answer(ask: Callable[[], bytes]) -> bytes | int:
@@ -157,7 +181,7 @@ class Prober(threading.Thread):
             self.answers.append((self.looked_up.is_set(), answer(self.ask)))
 
 
-def one_round(kind: str, fstype: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
+def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
     d, md = src / "d", mnt / "d"
     same_name = r % 2 == 1
     old, new = f"o{r}", (f"o{r}" if same_name else f"n{r}")
@@ -177,14 +201,11 @@ def one_round(kind: str, fstype: str, src: Path, mnt: Path, r: int, tally: Tally
     try:
         # 2. gone from SOURCE; the prober asks
         remove(kind, d / old)
-        if fstype == "xfs":
-            os.sync()  # xfs reuses a freed inode once its freeing is on the log
         prober.start()
         try:
-            # 3. a new file of the same kind, kept if it has the old number
-            make(kind, d / new, f"B{r}")
+            # 3. a new file of the same kind with the old number
             tally.rounds += 1
-            if os.lstat(d / new).st_ino == ino:
+            if make_reusing(kind, d, new, f"B{r}", ino):
                 tally.recycled += 1
                 # 4. the reader looks the new file up and reads it
                 prober.looked_up.set()
@@ -198,11 +219,9 @@ def one_round(kind: str, fstype: str, src: Path, mnt: Path, r: int, tally: Tally
     finally:
         if held is not None:
             os.close(held)
-    remove(kind, d / new)
-    if fstype == "xfs":
-        os.sync()  # the next round's old file then takes this number, freed for good
     if not prober.looked_up.is_set():
         return
+    remove(kind, d / new)
     allowed = {probe_expected(kind, f"A{r}"): "old"}
     if same_name and kind == "file":  # asked by name: the new file took the name
         allowed[probe_expected(kind, f"B{r}")] = "new"
@@ -226,7 +245,7 @@ def run_rounds(fs_src: tuple[str, Path], kind: str, timeout: str | None, rounds:
     tally = Tally()
     with util.mounted(src, None, *args) as m:
         for r in range(rounds):
-            one_round(kind, fstype, src, m.path, r, tally)
+            one_round(kind, src, m.path, r, tally)
             if r == 9 and tally.recycled == 0:
                 break  # this filesystem does not reuse numbers: nothing to test
         assert m.proc.poll() is None, "the daemon died:\n" + m.describe()

@@ -6,9 +6,10 @@ Below SOURCE's top level a store does not change, so a listing (names and
 ``lstat`` results) is kept for the same time the kernel may keep entries and
 attributes (``--timeout``), in a cache bounded by its total number of entries.
 
-A listing is only served for the directory it was made from: the caller passes
-the directory's current ``st_ctime_ns`` as known to the inode table, and a
-listing made from another incarnation (a recycled inode number) is a miss.
+A listing is only served for the directory it was made from: it is kept under
+the directory's identity, incarnation included (a recycled inode number is
+another key, see :mod:`noatimefs.inodes`), and the caller passes the
+directory's current ``st_ctime_ns``: a listing made before a change is a miss.
 SOURCE's top level is not kept here: paths come and go there, and it is kept
 by :mod:`noatimefs.toplevel`, right by the inotify watch.
 """
@@ -16,10 +17,11 @@ by :mod:`noatimefs.toplevel`, right by the inotify watch.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-Key = tuple[int, int]
+Key = Hashable  # a directory's backing identity
 E = TypeVar("E")
 
 

@@ -18,7 +18,8 @@ Caveats
 * ``.`` and ``..`` are not listed by readdir and ``..`` is never looked up
   (no NFS export support).
 * An entry renamed or replaced in SOURCE behind a remembered inode answers
-  ``ESTALE``; the kernel then looks the path up afresh.
+  ``ESTALE``; the kernel then looks the path up afresh. A new file that took
+  a remembered file's inode number is another inode (:mod:`noatimefs.inodes`).
 
 Concurrency contract
 --------------------
@@ -63,9 +64,9 @@ import trio
 from noatimefs import listing, loop, policy, procinfo
 from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
-from noatimefs.inodes import ROOT_ID, InodeTable, Node
+from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
-from noatimefs.source import O_PATH, Source, proc_path
+from noatimefs.source import O_PATH, Source, identify, incarnation, proc_path
 from noatimefs.stats import Stats
 from noatimefs.toplevel import TopLevel
 from noatimefs.views import Allow, View, parse_uid
@@ -128,6 +129,7 @@ class _DirHandle:
     entries: list[listing.Entry] | None = None  # listed at the first readdir
     #: With --per-user, the mount root's own listing: self and the views.
     root_entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
+    root_st: os.stat_result | None = None  # SOURCE's root when that listing was made
 
 
 class NoatimeFS(pyfuse3.Operations):
@@ -152,7 +154,7 @@ class NoatimeFS(pyfuse3.Operations):
         #: With ``--per-user``, who may have a view; None: one view, the mount's root.
         self.per_user = per_user
         root_view = View(consumer, tag=0)
-        self.inodes = InodeTable(os.stat(source.root_fd), root_view)
+        self.inodes = InodeTable(os.stat(source.root_fd), root_view, incarnation(source.root_fd))
         self.views: dict[int, View] = {}  # by uid
         if per_user is None:
             root_view.root = self.inodes.root
@@ -167,7 +169,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.read_ahead = ReadAhead(source)
         self.walk_ahead = WalkAhead(source.root_fd)
-        self._read_ahead_at: dict[tuple[int, int], float] = {}  # directory -> when
+        self._read_ahead_at: dict[Identity, float] = {}  # directory -> when
         self._data_walked = b""  # the store path last named to walk ahead with its data
 
     def init(self) -> None:
@@ -212,34 +214,40 @@ class NoatimeFS(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
+    @staticmethod
+    def _check(node: Node, fd: int) -> os.stat_result:
+        """``fstat`` of *fd*, opened by *node*'s path; ``ESTALE`` (fd closed) if not *node*'s file.
+
+        The incarnation is compared too (one more system call), where *node* has one.
+        """
+        st = os.fstat(fd)
+        if not node.is_backed_by(st, incarnation(fd) if node.key[2] is not None else None):
+            os.close(fd)
+            raise _stale()
+        return st
+
     def _open_dir(self, node: Node) -> int:
         """An ``O_PATH`` descriptor on directory *node*, checked to still be it."""
         if node.parent is None:
             return os.dup(self.source.root_fd)
         fd = self.source.open(node.path(), O_PATH | os.O_DIRECTORY)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.key:
-            os.close(fd)
-            raise _stale()
+        self._check(node, fd)
         return fd
 
-    def _lstat_child(self, parent: Node, name: bytes) -> os.stat_result:
+    def _identify_child(self, parent: Node, name: bytes) -> tuple[os.stat_result, bytes | None]:
+        """``lstat`` and incarnation of *name* in *parent* (:func:`noatimefs.source.identify`)."""
         if parent.parent is None:
-            return os.stat(name, dir_fd=self.source.root_fd, follow_symlinks=False)
+            return identify(self.source.root_fd, name)
         fd = self._open_dir(parent)
         try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return identify(fd, name)
         finally:
             os.close(fd)
 
     def _open_node(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
         """Open *node* itself (no trailing symlink followed) and check it is still it."""
         fd = self.source.open(node.path(), flags | os.O_NOFOLLOW)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.key:
-            os.close(fd)
-            raise _stale()
-        return fd, st
+        return fd, self._check(node, fd)
 
     def _fstat_open(self, node: Node) -> os.stat_result | None:
         """``fstat`` of a file handle open on *node*; None when none is."""
@@ -250,12 +258,12 @@ class NoatimeFS(pyfuse3.Operations):
         return None
 
     def _open_current(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
-        """:meth:`_open_node`, refusing a recycled inode number with ``ESTALE``.
+        """:meth:`_open_node`, also refusing a changed ctime with ``ESTALE``.
 
-        ext4 hands a freed inode number straight to the next new file, so the
-        identity check alone can pass for another file (a symlink swapped for
-        another symlink); its new ctime bumps the generation, and ``ESTALE``
-        makes the kernel look the name up afresh.
+        Where SOURCE's filesystem gives no incarnation, a recycled inode number
+        passes the identity check (ext4 hands a freed number straight to the
+        next new file); its new ctime bumps the generation, and ``ESTALE``
+        makes the kernel look the name up afresh (:mod:`noatimefs.inodes`).
         """
         fd, st = self._open_node(node, flags)
         if self.inodes.refresh(node, st):
@@ -281,8 +289,8 @@ class NoatimeFS(pyfuse3.Operations):
         # A store path SOURCE no longer holds in memory: what follows it will be cold too.
         cold = parent.parent is None and not self.source.in_memory(name)
         with _errors():
-            st = self._lstat_child(parent, name)
-        node = self.inodes.remember(parent, name, st)
+            st, inc = self._identify_child(parent, name)
+        node = self.inodes.remember(parent, name, st, inc)
         if cold and stat.S_ISDIR(st.st_mode):
             self.walk_ahead.want(name, onward=False)
         return self._entry(node, st)
@@ -603,7 +611,8 @@ class NoatimeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         with _errors():
             st = os.stat(self.source.root_fd)
-        return self._entry(self.inodes.add_root(view, st), st)
+            node = self.inodes.add_root(view, st, incarnation(self.source.root_fd))
+        return self._entry(node, st)
 
     def _user_root_entry(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """The attributes of the per-user root (a directory) or of its ``self`` symlink."""
@@ -635,7 +644,7 @@ class NoatimeFS(pyfuse3.Operations):
             if view.root is not None and view.root.nlookup > 0:
                 entries.append((str(uid).encode(), self._entry(view.root, st)))
         fh = next(self._dir_ids)
-        self.dirs[fh] = _DirHandle(self.inodes.root, -1, 0, root_entries=entries)
+        self.dirs[fh] = _DirHandle(self.inodes.root, -1, 0, root_entries=entries, root_st=st)
         return pyfuse3.FileHandleT(fh)
 
     def _read_user_root(
@@ -647,8 +656,8 @@ class NoatimeFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 break
             view = self.views.get(parse_uid(name) or -1) if name != SELF_NAME else None
-            if view is not None and view.root is not None:
-                self.inodes.add_root(view, None)
+            if view is not None and view.root is not None and handle.root_st is not None:
+                self.inodes.add_root(view, handle.root_st, view.root.key[2])
 
     def _view_counts(self) -> dict[str, dict[str, int]]:
         inodes = Counter(node.view.tag for node in self.inodes)

@@ -1,53 +1,94 @@
-"""The inode table: which backing objects the kernel remembers, under which numbers.
+"""The inode table: which backing files the kernel remembers, under which node ids.
 
 What is kept per remembered inode (a :class:`Node`, ``__slots__``, no descriptor):
-its FUSE node id, the backing identity ``(st_dev, st_ino)``, one name it was
-last seen under (a reference to the parent :class:`Node` plus the name), the
-kernel's lookup count, a generation, the backing ``st_ctime_ns`` and how many
-handles are open on it. Paths are rebuilt from the parent chain when needed,
-so a node costs a few hundred bytes and holds no descriptor: the daemon pins
-nothing in SOURCE beyond what callers hold open.
+its FUSE node id, the backing identity, one name it was last seen under (a
+reference to the parent :class:`Node` plus the name), the kernel's lookup
+count, a generation, the backing ``st_ctime_ns`` and how many handles are open
+on it. Paths are rebuilt from the parent chain when needed, so a node costs a
+few hundred bytes and holds no descriptor: the daemon pins nothing in SOURCE
+beyond what callers hold open.
 
-Node ids are stable: a pure function of the backing identity and the view
-(:mod:`noatimefs.views`) the node belongs to. With one view (``--owner``), on
-SOURCE's own filesystem the id *is* the backing ``st_ino`` (so ``stat`` through
-the mount shows the source's inode numbers and a hard link is one inode);
-otherwise an entry gets ``(n << 48) | st_ino`` with ``n`` numbering the (view,
-device) pairs in order of discovery, so the same backing file in two views is
-two inodes, each with its own presented owner in the kernel. Identities that fit neither
-scheme (huge inode numbers, inode 1, too many devices) get ids from a counter
-above ``1 << 63``, remembered for the daemon's life. The root is always 1.
+Identity
+--------
+A backing file is ``(st_dev, st_ino, incarnation)``. The incarnation is the
+file handle ``name_to_handle_at`` gives (:func:`noatimefs.source.incarnation`,
+its type and bytes taken as opaque): on ext4, xfs, btrfs and tmpfs it holds the
+inode's generation, so a new file that reuses a freed inode number (ext4 hands
+one to the next new file at once) is another identity. Every check that a path
+still leads to a node compares the incarnation too.
 
-Recycled backing inode numbers: when a lookup finds the identity it remembers
-but with another file type, or (for a non-directory no handle is open on) with
-another ``st_ctime_ns``, the backing inode may be a new file that reused the
-number. The node's generation is bumped, and since the kernel compares the
-generation of every entry reply with the inode it holds (``fuse_stale_inode``),
-it retires the old inode and its page cache instead of serving the old bytes
-under the new name. A file with an open handle cannot have its number reused
-(the handle keeps the old inode alive), so open files are never disturbed.
+Node ids
+--------
+One node per identity the kernel knows in each view (:mod:`noatimefs.views`).
+A new node gets its *preferred* id, ``(tag << 48) | st_ino``, when no
+remembered node holds that id, and otherwise a *spill* id from a counter above
+``1 << 63``. The tag numbers, in order of discovery, the tag key of the
+identity in its view (:meth:`InodeTable.tag_key`: the view and the backing
+device). With one view (``--owner``), SOURCE's own filesystem is tag 0, so
+``stat`` through the mount shows the source's inode numbers and a hard link is
+one inode; with ``--per-user`` each view numbers its own tags, so the same
+backing file in two views is two inodes, each with its own presented owner in
+the kernel.
+Identities no preferred id can hold (an inode number above 48 bits, the root's
+id, more than 32767 tags) get a spill id remembered for the daemon's life. The
+root is always 1.
 
-A node whose lookup count drops to zero is removed from the table; children
-still remembered keep it alive through their parent reference, so their paths
-can always be rebuilt.
+So a recycled inode number is always a *different* node id while the kernel
+still remembers the old file, never a different answer under the old id: the
+old node's requests go to the old name (gone, or another identity there:
+``ESTALE``). The new file keeps its spill id for as long as the kernel
+remembers it; looked up again after that, it gets its preferred id if free.
+Spill ids are never reused.
+
+Without a handle
+----------------
+Where the filesystem gives none (``EOPNOTSUPP``: kernels before 6.7 on a
+filesystem without export support), the incarnation is None; where it keeps
+no generation (9p, or a FUSE filesystem that reports none) the handle tells no
+more than the inode number. There a recycled number is the same identity,
+caught only by a heuristic: when a lookup finds the identity it remembers
+with another file type, or (for a non-directory no handle is open on) another
+``st_ctime_ns``, the node's generation is bumped, and since the kernel
+compares the generation of every entry reply with the inode it holds
+(``fuse_stale_inode``) it retires the old inode and its page cache instead of
+serving the old bytes under the new name. A new file of the same type whose
+ctime equals the old one's (created within the same clock tick as the old
+one's last change), or a request the kernel had in flight while the daemon
+answered the new file's lookup, slips through: a caller holding the old name
+may then be answered with the new file's link text, attributes or bytes.
+
+The heuristic runs on every filesystem: a file changed in place gets a new
+generation too, and the kernel drops its cached pages. A file with an open
+handle cannot have its number reused (the handle keeps the old inode alive),
+so open files are never disturbed.
+
+A node whose lookup count drops to zero is removed from the table, and its id
+is free again; children still remembered keep it alive through their parent
+reference, so their paths can always be rebuilt.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from noatimefs.views import View
 
 ROOT_ID = 1
-_DEV_SHIFT = 48
-_INO_MASK = (1 << _DEV_SHIFT) - 1
-_MAX_DEVS = (1 << 15) - 1
+_TAG_SHIFT = 48
+_INO_MASK = (1 << _TAG_SHIFT) - 1
+_MAX_TAGS = 1 << 15
 _SPILL_BASE = 1 << 63
+
+#: A backing file: ``(st_dev, st_ino, incarnation)`` (see the module docstring).
+Identity = tuple[int, int, "bytes | None"]
+
+
+def identity(st: os.stat_result, incarnation: bytes | None) -> Identity:
+    return (st.st_dev, st.st_ino, incarnation)
 
 
 class Node:
@@ -67,7 +108,7 @@ class Node:
     def __init__(
         self,
         node_id: int,
-        key: tuple[int, int],
+        key: Identity,
         parent: Node | None,
         name: bytes,
         mode: int,
@@ -98,6 +139,10 @@ class Node:
         parts.reverse()
         return b"/".join(parts)
 
+    def is_backed_by(self, st: os.stat_result, incarnation: bytes | None) -> bool:
+        """Whether a file found by path (its stat and incarnation) is this node's."""
+        return (st.st_dev, st.st_ino, incarnation) == self.key
+
 
 class InodeTable:
     """The nodes the kernel knows, in every view.
@@ -108,14 +153,18 @@ class InodeTable:
     :meth:`add_root`.
     """
 
-    def __init__(self, root_st: os.stat_result, view: View) -> None:
-        self._devs: dict[tuple[int, int], int] = {(view.tag, root_st.st_dev): 0}
-        self._spill: dict[tuple[int, int, int], int] = {}
-        self._spill_ids = itertools.count(_SPILL_BASE)
-        root_key = (root_st.st_dev, root_st.st_ino)
+    def __init__(
+        self, root_st: os.stat_result, view: View, root_incarnation: bytes | None = None
+    ) -> None:
+        self._tags: dict[Hashable, int] = {}
+        self._spilled: dict[tuple[int, Identity], int] = {}  # those no preferred id can hold
+        self._next_spill = _SPILL_BASE
+        root_key = identity(root_st, root_incarnation)
+        self._tag(self.tag_key(root_key, view.tag))  # SOURCE's own filesystem is tag 0
         self.root = Node(ROOT_ID, root_key, None, b"", root_st.st_mode, root_st.st_ctime_ns, view)
         self.root.nlookup = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
+        self._by_key: dict[tuple[int, Identity], Node] = {(view.tag, root_key): self.root}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -127,50 +176,86 @@ class InodeTable:
         """The node with *node_id*; ``KeyError`` if the kernel cannot know it."""
         return self._nodes[node_id]
 
-    def node_id(self, key: tuple[int, int], tag: int = 0) -> int:
-        """The stable node id of the backing identity *key* in the view numbered *tag*."""
-        if key == self.root.key and tag == self.root.view.tag:
-            return ROOT_ID
-        dev, ino = key
-        index = self._devs.get((tag, dev))
-        if index is None and len(self._devs) <= _MAX_DEVS:
-            index = self._devs[tag, dev] = len(self._devs)
-        if index is not None and 1 < ino <= _INO_MASK:
-            return (index << _DEV_SHIFT) | ino
-        spilled = self._spill.get((tag, dev, ino))
-        if spilled is None:
-            spilled = self._spill[tag, dev, ino] = next(self._spill_ids)
-        return spilled
+    # -- node ids ----------------------------------------------------------
 
-    def add_root(self, view: View, root_st: os.stat_result | None) -> Node:
-        """Remember SOURCE's root in *view* (``--per-user``), or again after a forget.
+    @staticmethod
+    def tag_key(key: Identity, view_tag: int) -> Hashable:
+        """What the tag of *key*'s preferred node id numbers: its view and backing device."""
+        return (view_tag, key[0])
 
-        *root_st* (SOURCE's root) is needed the first time only.
+    def _tag(self, tag_key: Hashable) -> int | None:
+        """The tag of *tag_key*, numbered in order of discovery; None once all are taken."""
+        tag = self._tags.get(tag_key)
+        if tag is None and len(self._tags) < _MAX_TAGS:
+            tag = self._tags[tag_key] = len(self._tags)
+        return tag
+
+    def preferred_id(self, tag_key: Hashable, ino: int) -> int | None:
+        """``(tag << 48) | ino``, or None where that cannot be a node id of its own."""
+        tag = self._tag(tag_key)
+        if tag is None or not 0 < ino <= _INO_MASK:
+            return None
+        node_id = (tag << _TAG_SHIFT) | ino
+        return None if node_id == ROOT_ID else node_id
+
+    def _new_id(self, key: Identity, view_tag: int, *, take: bool) -> int:
+        """The id a new node of *key* gets: its preferred id if no node holds it, else a spill id.
+
+        With *take* false nothing changes, and the same id is given to the
+        next call that takes one (see :meth:`peek`).
         """
-        node = view.root
+        preferred = self.preferred_id(self.tag_key(key, view_tag), key[1])
+        if preferred is not None and preferred not in self._nodes:
+            return preferred
+        if preferred is None:
+            spilled = self._spilled.get((view_tag, key))
+            if spilled is not None:
+                return spilled
+        node_id = self._next_spill
+        if take:
+            self._next_spill += 1
+            if preferred is None:
+                self._spilled[view_tag, key] = node_id
+        return node_id
+
+    def node_id(self, key: Identity, view_tag: int = 0) -> int:
+        """The node id a lookup of *key* in view *view_tag* would give now (changing nothing)."""
+        node = self._by_key.get((view_tag, key))
+        return node.id if node is not None else self._new_id(key, view_tag, take=False)
+
+    def add_root(
+        self, view: View, root_st: os.stat_result, incarnation: bytes | None = None
+    ) -> Node:
+        """Remember SOURCE's root in *view* (``--per-user``; lookup count + 1)."""
+        key = identity(root_st, incarnation)
+        node = self._by_key.get((view.tag, key))
         if node is None:
-            assert root_st is not None
-            key = (root_st.st_dev, root_st.st_ino)
-            node_id = self.node_id(key, view.tag)
+            node_id = self._new_id(key, view.tag, take=True)
             node = Node(node_id, key, None, b"", root_st.st_mode, root_st.st_ctime_ns, view)
-            view.root = node
-        self._nodes[node.id] = node
+            self._nodes[node_id] = self._by_key[view.tag, key] = node
+        view.root = node
         node.nlookup += 1
         return node
 
-    def remember(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+    # -- what the kernel learns and forgets --------------------------------
+
+    def remember(
+        self, parent: Node, name: bytes, st: os.stat_result, incarnation: bytes | None = None
+    ) -> Node:
         """Record that the kernel now knows *name* in *parent* (lookup count + 1)."""
-        return self.remember_key(parent, name, (st.st_dev, st.st_ino), st.st_mode, st.st_ctime_ns)
+        key = identity(st, incarnation)
+        return self.remember_key(parent, name, key, st.st_mode, st.st_ctime_ns)
 
     def remember_key(
-        self, parent: Node, name: bytes, key: tuple[int, int], mode: int, ctime_ns: int
+        self, parent: Node, name: bytes, key: Identity, mode: int, ctime_ns: int
     ) -> Node:
         """:meth:`remember` from the few facts it needs (a cached listing keeps no stat)."""
-        node_id = self.node_id(key, parent.view.tag)
-        node = self._nodes.get(node_id)
+        view = parent.view
+        node = self._by_key.get((view.tag, key))
         if node is None:
-            node = Node(node_id, key, parent, name, mode, ctime_ns, parent.view)
-            self._nodes[node_id] = node
+            node_id = self._new_id(key, view.tag, take=True)
+            node = Node(node_id, key, parent, name, mode, ctime_ns, view)
+            self._nodes[node_id] = self._by_key[view.tag, key] = node
         else:
             if node.parent is not None:
                 node.parent = parent
@@ -184,7 +269,9 @@ class InodeTable:
 
         None for older news (a cached listing), which teaches nothing. A new
         file type always means a new file; a new ctime does for a non-directory
-        no handle is open on (an open file's number cannot be reused).
+        no handle is open on (an open file's number cannot be reused). Only
+        where there is no incarnation can it truly be a new file; elsewhere a
+        new ctime means a change in place, whose pages the kernel must drop.
         """
         if fmt == node.fmt and ctime_ns < node.ctime_ns:
             return None
@@ -194,19 +281,19 @@ class InodeTable:
             ctime_ns != node.ctime_ns and fmt != stat.S_IFDIR and node.opens == 0
         )
 
-    def peek(self, key: tuple[int, int], mode: int, ctime_ns: int, tag: int = 0) -> tuple[int, int]:
+    def peek(self, key: Identity, mode: int, ctime_ns: int, view_tag: int = 0) -> tuple[int, int]:
         """The (node id, generation) :meth:`remember_key` would give, changing nothing.
 
         readdir must know what it would send before it knows whether the entry
-        fits in the reply; a node renamed or re-generated for an entry the
-        kernel never received would answer for a file the kernel does not know.
+        fits in the reply; a node created, renamed or re-generated for an entry
+        the kernel never received would answer for a file the kernel does not
+        know.
         """
-        node_id = self.node_id(key, tag)
-        node = self._nodes.get(node_id)
+        node = self._by_key.get((view_tag, key))
         if node is None:
-            return node_id, 0
+            return self._new_id(key, view_tag, take=False), 0
         recycled = self._recycled(node, stat.S_IFMT(mode), ctime_ns)
-        return node_id, node.gen + 1 if recycled else node.gen
+        return node.id, node.gen + 1 if recycled else node.gen
 
     def refresh(self, node: Node, st: os.stat_result) -> bool:
         """Update *node* from a fresh stat; True if it may be a new file (generation bumped)."""
@@ -230,3 +317,4 @@ class InodeTable:
         node.nlookup -= nlookup
         if node.nlookup <= 0:
             del self._nodes[node_id]
+            del self._by_key[node.view.tag, node.key]

@@ -6,7 +6,8 @@ callers the daemon presents entries to differently. So a kept entry holds only
 facts of SOURCE, independent of who asks (:data:`Entry`):
 
 ``(name, key, mode, uid, gid, attr)``
-    the name; the backing identity ``(st_dev, st_ino)``; the *real*
+    the name; the backing identity ``(st_dev, st_ino, incarnation)``
+    (:mod:`noatimefs.inodes`); the *real*
     ``st_mode``, ``st_uid`` and ``st_gid``; and one ``pyfuse3.EntryAttributes``
     holding every other field readdir sends (size, link count, times, block
     counts, timeouts).
@@ -28,14 +29,14 @@ from collections.abc import Callable
 import pyfuse3
 
 from noatimefs import policy
-from noatimefs.inodes import InodeTable, Node
+from noatimefs.inodes import Identity, InodeTable, Node, identity
+from noatimefs.source import identify
 
-Key = tuple[int, int]
-#: A kept listing entry: (name, key, real mode, real uid, real gid, the other attributes).
-Entry = tuple[bytes, Key, int, int, int, pyfuse3.EntryAttributes]
+#: A kept listing entry: (name, identity, real mode, real uid, real gid, the other attributes).
+Entry = tuple[bytes, Identity, int, int, int, pyfuse3.EntryAttributes]
 
 
-def make_entry(name: bytes, st: os.stat_result, timeout: float) -> Entry:
+def make_entry(name: bytes, st: os.stat_result, incarnation: bytes | None, timeout: float) -> Entry:
     """The kept facts of *name*, ``lstat``-ed as *st*."""
     attr = pyfuse3.EntryAttributes()
     attr.entry_timeout = timeout
@@ -48,7 +49,7 @@ def make_entry(name: bytes, st: os.stat_result, timeout: float) -> Entry:
     attr.st_atime_ns = st.st_atime_ns
     attr.st_mtime_ns = st.st_mtime_ns
     attr.st_ctime_ns = st.st_ctime_ns
-    return (name, (st.st_dev, st.st_ino), st.st_mode, st.st_uid, st.st_gid, attr)
+    return (name, identity(st, incarnation), st.st_mode, st.st_uid, st.st_gid, attr)
 
 
 def list_dir(fd: int, timeout: float) -> list[Entry]:
@@ -59,11 +60,12 @@ def list_dir(fd: int, timeout: float) -> list[Entry]:
     entries = []
     with os.scandir(fd) as it:
         for dirent in it:
+            name = os.fsencode(dirent.name)
             try:
-                st = dirent.stat(follow_symlinks=False)
+                st, incarnation = identify(fd, name)
             except FileNotFoundError:
                 continue  # removed since it was listed
-            entries.append(make_entry(os.fsencode(dirent.name), st, timeout))
+            entries.append(make_entry(name, st, incarnation, timeout))
     return entries
 
 

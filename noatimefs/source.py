@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -137,6 +138,94 @@ class Source:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_fd)
+
+
+# -- incarnations -----------------------------------------------------------
+
+_AT_EMPTY_PATH = 0x1000
+#: Linux 6.5: a handle to tell files apart, not to open them (AT_REMOVEDIR's value). From 6.7
+#: every filesystem gives one: its own handle, or the inode number and generation.
+_AT_HANDLE_FID = 0x200
+_MAX_HANDLE_SZ = 128  # fcntl.h
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ),
+    ]
+
+
+_name_to_handle_at = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    use_errno=True,
+)(("name_to_handle_at", _libc))
+_fid_flag = _AT_HANDLE_FID
+
+
+class _HandleBuffer:
+    """One struct file_handle and mount id per thread, reused (no allocation per call)."""
+
+    def __init__(self) -> None:
+        self.fh = _FileHandle()
+        self.addr = ctypes.addressof(self.fh)
+        self.mount_id = ctypes.c_int()
+        self.mount_id_addr = ctypes.addressof(self.mount_id)
+
+
+_buffers = threading.local()
+
+
+def _buffer() -> _HandleBuffer:
+    b: _HandleBuffer | None = getattr(_buffers, "b", None)
+    if b is None:
+        b = _buffers.b = _HandleBuffer()
+    return b
+
+
+def incarnation(dirfd: int, name: bytes = b"") -> bytes | None:
+    """Which incarnation of its inode number *name* in *dirfd* is (*dirfd* itself for ``b""``).
+
+    The file handle ``name_to_handle_at(2)`` gives, type and bytes, taken as
+    opaque (each filesystem has its own format): on ext4, xfs, btrfs and tmpfs
+    it holds the inode's generation, which a new file that reuses a freed inode
+    number does not share. A trailing symlink is not followed. None where the
+    filesystem gives no handle (``EOPNOTSUPP``); other errors raise ``OSError``.
+    """
+    global _fid_flag
+    b = _buffer()
+    flags = _AT_EMPTY_PATH | _fid_flag if not name else _fid_flag
+    b.fh.handle_bytes = _MAX_HANDLE_SZ
+    if _name_to_handle_at(dirfd, name, b.addr, b.mount_id_addr, flags) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and _fid_flag:
+            _fid_flag = 0  # a kernel older than 6.5: plain handles (the same facts, fewer fs)
+            return incarnation(dirfd, name)
+        if err in (errno.EOPNOTSUPP, errno.EOVERFLOW):
+            return None
+        raise OSError(err, os.strerror(err), os.fsdecode(name))
+    return ctypes.string_at(b.addr + 4, b.fh.handle_bytes + 4)
+
+
+def identify(dirfd: int, name: bytes) -> tuple[os.stat_result, bytes | None]:
+    """``lstat`` of *name* in *dirfd* and its :func:`incarnation`, of one and the same file.
+
+    Both are taken through one short-lived ``O_PATH | O_NOFOLLOW`` descriptor on
+    *name*, which holds the file while they are (a name replaced between an
+    ``lstat`` and a handle taken by name would pair one file's attributes with
+    another's incarnation). *name* is one path component, as FUSE sends it.
+    """
+    fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return os.fstat(fd), incarnation(fd)
+    finally:
+        os.close(fd)
 
 
 def proc_path(fd: int) -> str:

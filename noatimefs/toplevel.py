@@ -33,11 +33,11 @@ it started with; a change makes a new list for the next handle
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 from noatimefs.listing import Entry, make_entry
+from noatimefs.source import identify
 
 
 @dataclass
@@ -110,7 +110,7 @@ class TopLevel:
     def _relist(self, name: bytes) -> None:
         assert self._by_name is not None
         try:
-            st = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
+            st, incarnation = identify(self.root_fd, name)
         except FileNotFoundError:
             if self._by_name.pop(name, None) is not None:
                 self._list = None
@@ -119,5 +119,5 @@ class TopLevel:
             self.drop()  # cannot tell: list it all again when asked
             return
         self.updated += 1
-        self._by_name[name] = make_entry(name, st, self.timeout)
+        self._by_name[name] = make_entry(name, st, incarnation, self.timeout)
         self._list = None

@@ -22,6 +22,13 @@ the SOURCE file's own bytes; listings must hold only SOURCE's names; xattrs
 and inode numbers of the outside files must never appear. Run with the
 default cache timeout and with ``--timeout 0`` (every lookup reaches the
 daemon).
+
+The churn test does what a store does while garbage collection and new
+builds overlap: symlinks ``l<i> -> T<i>`` and files ``f<i>`` are created and
+removed in a loop (ext4 hands each freed inode number to the next new file at
+once) while readers read the newest names through the mount, and names they
+read before, still cached: every answer must be the name's own text or bytes,
+or an error saying it is gone.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ pytestmark = pytest.mark.mount
 
 SECONDS = 4.0
 SECONDS_SLOW = 30.0
+CHURN_SECONDS_SLOW = 120.0
+#: How many of the newest names exist at once in the churn test.
+CHURN_WINDOW = 8
 READERS = ((0, 0), (0, 0), util.NOBODY, util.NOBODY)
 NAMES = ("passwd", "hostname", "marker", "sub/marker")
 OUT_MARKER = b"OUTSIDE-SOURCE-NEVER-THROUGH-THE-MOUNT"
@@ -325,14 +335,7 @@ def run_swap(rig: Rig, seconds: float) -> None:
     assert (rig.mount.path / "after" / "f").read_bytes() == b"after the storm"
     status = rig.mount.status()
     assert status["handles"] == 0, status
-    if n_wrong:
-        # Open bug (SECURITY.rst, "Open"): under this churn ext4 hands a freed inode
-        # number from one symlink to the next, and a cached name can still be answered
-        # with the other symlink's text. Nothing outside SOURCE is read (asserted above).
-        pytest.xfail(
-            "open bug: link text of a recycled symlink under a cached name:\n"
-            + "\n".join(wrong_links)
-        )
+    assert n_wrong == 0, "link texts SOURCE never had under the name:\n" + "\n".join(wrong_links)
 
 
 def _figures(rig: Rig, row: dict[str, Any]) -> None:
@@ -434,3 +437,158 @@ def test_recycled_inode_numbers_never_serve_old_bytes(world_tmp: Path) -> None:
     assert wrong == 0, f"{wrong} of {tries} new files read with other bytes ({recycled} recycled)"
     if recycled == 0:
         pytest.skip("this filesystem never reused an inode number: nothing was tested")
+
+
+# --------------------------------------------------------------------------- churn
+
+
+def churn_bytes(i: int) -> bytes:
+    return f"F{i}:".encode() * 300
+
+
+class Churner(threading.Thread):
+    """Creates ``l<i> -> T<i>`` and ``f<i>`` in SOURCE/c, removes those :data:`CHURN_WINDOW` older.
+
+    The newest *i* is published in the 8 bytes of *counter* (outside SOURCE) for the readers.
+    """
+
+    def __init__(self, c: Path, counter: Path) -> None:
+        super().__init__(daemon=True)
+        self.c = c
+        self.counter = counter
+        self.stop = threading.Event()
+        self.created = 0
+        self.recycled = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        c = self.c
+        freed: set[int] = set()
+        fd = os.open(self.counter, os.O_WRONLY)
+        try:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                os.symlink(f"T{i}", c / f"l{i}")
+                tmp = c / f"f{i}.tmp"
+                tmp.write_bytes(churn_bytes(i))
+                tmp.rename(c / f"f{i}")  # readers never see a file half written
+                for name in (f"l{i}", f"f{i}"):
+                    self.recycled += os.lstat(c / name).st_ino in freed
+                self.created += 2
+                os.pwrite(fd, i.to_bytes(8, "little"), 0)
+                if i > CHURN_WINDOW:
+                    for name in (f"l{i - CHURN_WINDOW}", f"f{i - CHURN_WINDOW}"):
+                        freed.add(os.lstat(c / name).st_ino)
+                        os.unlink(c / name)
+        except BaseException as e:  # reported by the test
+            self.error = e
+        finally:
+            os.close(fd)
+
+
+_CHURN_READER = r"""
+import random, time
+mnt, W = DATA["mnt"], DATA["window"]
+cfd = os.open(DATA["counter"], os.O_RDONLY)
+rng = random.Random(DATA["seed"])
+tally, wrong = {}, []
+
+def count(k):
+    tally[k] = tally.get(k, 0) + 1
+
+end = time.monotonic() + DATA["seconds"]
+while time.monotonic() < end:
+    i = int.from_bytes(os.pread(cfd, 8, 0), "little")
+    if i == 0:
+        continue
+    j = rng.randint(max(1, i - 2 * W), i)  # the newest names, and some gone but still cached
+    link = rng.random() < 0.5
+    try:
+        if link:
+            got = os.readlink("%s/c/l%d" % (mnt, j)).encode()
+            expected = b"T%d" % j
+        else:
+            with open("%s/c/f%d" % (mnt, j), "rb") as f:
+                got = f.read()
+            expected = (b"F%d:" % j) * 300
+    except OSError as e:
+        count(errno.errorcode.get(e.errno, str(e.errno)))
+        continue
+    if got == expected:
+        count("link texts verified" if link else "file reads verified")
+    else:
+        wrong.append("%s%d: %r" % ("l" if link else "f", j, got[:40]))
+emit({"tally": tally, "wrong": wrong[:20], "n_wrong": len(wrong)})
+"""
+
+
+@pytest.fixture(params=["cached", "timeout0"])
+def churn_rig(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path, util.Mount]]:
+    args = ("--timeout", "0") if request.param == "timeout0" else ()
+    with util.world_tmpdir("noatimefs-trust-churn-") as base:
+        src = base / "src"
+        (src / "c").mkdir(parents=True)
+        src.chmod(0o755)
+        (src / "c").chmod(0o755)
+        counter = base / "counter"
+        counter.write_bytes(bytes(8))
+        counter.chmod(0o644)
+        with util.mounted(src, None, *args, owner=util.NOBODY[0], allow_other=True) as m:
+            yield src, counter, m
+
+
+def run_churn(rig: tuple[Path, Path, util.Mount], seconds: float) -> None:
+    src, counter, m = rig
+    churner = Churner(src / "c", counter)
+    churner.start()
+    try:
+        with ThreadPoolExecutor(len(READERS)) as pool:
+            data = {"mnt": str(m.path), "counter": str(counter), "window": CHURN_WINDOW}
+            futures = [
+                pool.submit(
+                    util.run_as,
+                    uid,
+                    gid,
+                    _CHURN_READER,
+                    {**data, "seconds": seconds, "seed": i},
+                    timeout=seconds + 120,
+                )
+                for i, (uid, gid) in enumerate(READERS)
+            ]
+            results = [f.result() for f in futures]
+    finally:
+        churner.stop.set()
+        churner.join()
+    assert churner.error is None, f"the churner failed: {churner.error!r}"
+    tally: Counter[str] = Counter()
+    for r in results:
+        tally.update(r["tally"])
+    n_wrong = sum(r["n_wrong"] for r in results)
+    wrong = [w for r in results for w in r["wrong"]]
+    label = "timeout 0" if "--timeout" in m.argv else "cached"
+    row = {
+        "created": churner.created,
+        "recycled inode numbers": churner.recycled,
+        **tally,
+        "wrong answers": n_wrong,
+    }
+    util.trust_figures(f"churn {label}", row)
+    print(row)
+    assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
+    assert n_wrong == 0, f"{n_wrong} answers of another name's file:\n" + "\n".join(wrong)
+    assert tally["link texts verified"] > 0, tally
+    assert tally["file reads verified"] > 0, tally
+
+
+def test_churn_never_answers_another_names_file(
+    churn_rig: tuple[Path, Path, util.Mount],
+) -> None:
+    run_churn(churn_rig, SECONDS)
+
+
+@pytest.mark.slow
+def test_churn_never_answers_another_names_file_long(
+    churn_rig: tuple[Path, Path, util.Mount],
+) -> None:
+    run_churn(churn_rig, CHURN_SECONDS_SLOW)

@@ -18,6 +18,8 @@ cannot hide a failure.
   something is mounted below it.
 - :func:`dev_fuse_open_to_users` opens ``/dev/fuse`` to every user (0666) for
   a block, for unprivileged FUSE daemons, and restores its mode.
+- :func:`scratch_fs` mounts a small fresh ext4, xfs, btrfs (image on a loop
+  device) or tmpfs, and unmounts it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ __all__ = [
     "pids_mentioning",
     "run_as",
     "run_as_argv",
+    "scratch_fs",
     "umount",
     "wait_for_mount",
     "world_tmpdir",
@@ -243,6 +246,55 @@ def world_tmpdir(prefix: str = "noatimefs-test-") -> Iterator[Path]:
         if leaked:
             names = ", ".join(f"{e.mountpoint} ({e.fstype})" for e in leaked)
             raise AssertionError(f"mounts left behind below {d}: {names}")
+
+
+#: Image sizes: the smallest each mkfs accepts, with room to spare (images are sparse).
+_SCRATCH_SIZES = {"ext4": 32 << 20, "xfs": 320 << 20, "btrfs": 128 << 20}
+
+
+@contextlib.contextmanager
+def scratch_fs(where: Path, fstype: str) -> Iterator[Path]:
+    """A fresh *fstype* (ext4, xfs, btrfs: an image on a loop device; or tmpfs) on *where*/fs.
+
+    The mounted root is 0755. Skips when it cannot be made or mounted here; with
+    ``CI=true`` that is a failure for ext4 and tmpfs (xfs and btrfs need kernel
+    support a CI machine may lack; ``./dev`` installs their mkfs).
+    """
+
+    def cannot(why: str) -> None:
+        msg = f"cannot mount a scratch {fstype}: {why}"
+        if os.environ.get("CI") == "true" and fstype in ("ext4", "tmpfs"):
+            pytest.fail(msg + " (CI=true: this is a failure, not a skip)", pytrace=False)
+        pytest.skip(msg)
+
+    target = where / "fs"
+    target.mkdir()
+    if fstype == "tmpfs":
+        cmd = ["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "noatimefs-test", str(target)]
+    else:
+        mkfs = shutil.which(f"mkfs.{fstype}")
+        if mkfs is None:
+            cannot(f"mkfs.{fstype} not installed")
+        img = where / f"{fstype}.img"
+        with open(img, "wb") as f:
+            f.truncate(_SCRATCH_SIZES[fstype])
+        r = subprocess.run(
+            [str(mkfs), *(["-q", "-F"] if fstype == "ext4" else ["-q", "-f"]), str(img)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            cannot(f"mkfs.{fstype}: {r.stderr.strip()}")
+        cmd = ["mount", "-t", fstype, "-o", "loop", str(img), str(target)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        cannot(r.stderr.strip())
+    try:
+        target.chmod(0o755)
+        yield target
+    finally:
+        problems = umount(target, fuse=False)  # mount -o loop detaches the loop device
+        assert not problems, problems
 
 
 # --------------------------------------------------------------------------- FUSE available

@@ -1,0 +1,231 @@
+"""The inode table's decisions, without a mount: identities, node ids, generations."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+import noatimefs.fs as fsmod
+from noatimefs import policy
+from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
+from noatimefs.source import Source, identify, incarnation
+from noatimefs.views import View
+
+REG = stat.S_IFREG | 0o444
+LNK = stat.S_IFLNK | 0o777
+DIR = stat.S_IFDIR | 0o555
+SPILL = 1 << 63
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> InodeTable:
+    st = os.stat(tmp_path)
+    return InodeTable(st, View(policy.Consumer(0, frozenset(), 0), tag=0), b"root")
+
+
+def dev(table: InodeTable) -> int:
+    return table.root.key[0]
+
+
+def remember(
+    table: InodeTable, name: bytes, key: Identity, mode: int = REG, ctime: int = 1
+) -> Node:
+    return table.remember_key(table.root, name, key, mode, ctime)
+
+
+def test_a_recycled_number_is_another_node_while_the_old_one_is_remembered(
+    table: InodeTable,
+) -> None:
+    old = remember(table, b"l1", (dev(table), 77, b"gen-1"), LNK)
+    assert old.id == 77  # the preferred id: SOURCE's own inode number
+    new = remember(table, b"l2", (dev(table), 77, b"gen-2"), LNK)
+    assert new.id >= SPILL
+    assert new is not old
+    # the old node keeps its name: its requests go to the old path, never to l2
+    assert (old.name, new.name) == (b"l1", b"l2")
+    assert table.get(77) is old
+    # looked up again, each incarnation finds its own node
+    assert remember(table, b"l1", (dev(table), 77, b"gen-1"), LNK) is old
+    assert remember(table, b"l2", (dev(table), 77, b"gen-2"), LNK) is new
+
+
+def test_the_preferred_id_is_free_again_once_forgotten(table: InodeTable) -> None:
+    old = remember(table, b"a", (dev(table), 9, b"x"))
+    new = remember(table, b"b", (dev(table), 9, b"y"))
+    table.forget(old.id, 1)
+    assert table.get(new.id) is new  # the new file keeps its spill id while remembered
+    table.forget(new.id, 1)
+    again = remember(table, b"b", (dev(table), 9, b"y"))
+    assert again.id == 9
+    assert len(table) == 2  # root and b
+
+
+def test_peek_gives_what_remember_will_give_and_changes_nothing(table: InodeTable) -> None:
+    remember(table, b"a", (dev(table), 5, b"x"))
+    key = (dev(table), 5, b"y")
+    before = len(table)
+    peeked = table.peek(key, REG, 1)
+    assert table.peek(key, REG, 1) == peeked  # nothing taken by a peek
+    assert table.node_id(key) == peeked[0]
+    assert len(table) == before
+    node = remember(table, b"b", key)
+    assert (node.id, node.gen) == peeked
+    assert table.peek((dev(table), 6, b"z"), REG, 1) == (6, 0)
+
+
+def test_spill_ids_are_never_reused(table: InodeTable) -> None:
+    remember(table, b"a", (dev(table), 5, b"x"))
+    first = remember(table, b"b", (dev(table), 5, b"y"))
+    table.forget(first.id, 1)
+    second = remember(table, b"c", (dev(table), 5, b"z"))
+    assert SPILL <= first.id < second.id
+
+
+def test_identities_no_preferred_id_can_hold_keep_one_spill_id(table: InodeTable) -> None:
+    huge = (dev(table), 1 << 50, b"x")
+    node = remember(table, b"h", huge)
+    assert node.id >= SPILL
+    table.forget(node.id, 1)
+    assert remember(table, b"h", huge).id == node.id  # for the daemon's life
+    one = remember(table, b"one", (dev(table), 1, b"x"))  # would be the root's id
+    assert one.id >= SPILL
+    assert one.id != node.id
+
+
+def test_another_device_gets_the_next_tag(table: InodeTable) -> None:
+    node = remember(table, b"m", (dev(table) + 1, 5, b"x"), DIR)
+    assert node.id == (1 << 48) | 5
+    assert table.preferred_id(table.tag_key(node.key, 0), 5) == node.id
+    # Another view numbers its own tags: the same backing file is another node id there.
+    assert table.preferred_id(table.tag_key(node.key, 3), 5) == (2 << 48) | 5
+
+
+def test_root_is_one_and_never_forgotten(table: InodeTable) -> None:
+    assert table.node_id(table.root.key) == ROOT_ID
+    table.forget(ROOT_ID, 10)
+    assert table.get(ROOT_ID) is table.root
+
+
+def test_without_incarnation_a_new_ctime_bumps_the_generation(table: InodeTable) -> None:
+    """The fallback: the same identity, told apart only by its ctime or type."""
+    key = (dev(table), 12, None)
+    node = remember(table, b"l1", key, LNK, ctime=100)
+    assert table.peek(key, LNK, 200) == (12, 1)
+    again = remember(table, b"l2", key, LNK, ctime=200)
+    assert again is node
+    assert node.gen == 1
+    assert node.name == b"l2"
+    assert remember(table, b"l2", key, LNK, ctime=150).gen == 1  # older news: nothing
+    assert remember(table, b"l2", key, REG, ctime=150).gen == 2  # another type
+
+
+def test_a_new_ctime_of_the_same_incarnation_drops_cached_pages(table: InodeTable) -> None:
+    """A file changed in place keeps its node, with a new generation (the kernel drops pages)."""
+    node = remember(table, b"f", (dev(table), 3, b"x"), REG, ctime=1)
+    node.opens = 1
+    assert not table.refresh_from(node, REG, 2)  # not while open
+    node.opens = 0
+    assert table.refresh_from(node, REG, 3)
+    assert node.gen == 1
+    assert node.id == 3
+
+
+def test_identify_tells_a_recycled_number_apart(tmp_path: Path) -> None:
+    """A real filesystem: a new file with the old one's inode number has another incarnation."""
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.symlink("T1", tmp_path / "l1")
+        st1, inc1 = identify(fd, b"l1")
+        if inc1 is None:
+            pytest.skip("this filesystem gives no file handles")
+        assert inc1 == incarnation(fd, b"l1")
+        link = os.open("l1", os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            assert incarnation(link) == inc1  # by descriptor, the symlink itself
+        finally:
+            os.close(link)
+        for i in range(2, 200):
+            os.unlink(tmp_path / f"l{i - 1}")
+            os.symlink(f"T{i}", tmp_path / f"l{i}")
+            st, inc = identify(fd, b"l%d" % i)
+            if st.st_ino == st1.st_ino:
+                assert inc != inc1
+                break
+        else:
+            pytest.skip("this filesystem did not reuse the inode number")
+    finally:
+        os.close(fd)
+
+
+def test_identify_missing_name_raises(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError):
+            identify(fd, b"nope")
+    finally:
+        os.close(fd)
+
+
+# -- in the daemon, without a mount ----------------------------------------
+
+
+def _reuse_number(d: Path, old: str, new: str) -> bool:
+    """Replace *old* by a new file *new*; whether it got the old inode number."""
+    ino = (d / old).stat().st_ino
+    (d / old).unlink()
+    (d / new).write_bytes(b"new")
+    return (d / new).stat().st_ino == ino
+
+
+@pytest.mark.parametrize("handles", [True, False], ids=["handles", "no-handles"])
+def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handles: bool
+) -> None:
+    if not handles:  # a filesystem without file handles: the ctime heuristic alone
+        monkeypatch.setattr(fsmod, "incarnation", lambda fd, name=b"": None)
+        monkeypatch.setattr(
+            fsmod,
+            "identify",
+            lambda dirfd, name: (os.stat(name, dir_fd=dirfd, follow_symlinks=False), None),
+        )
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"old")
+    source = Source(str(src))
+    ops = fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0}), 0), daemon_uid=0)
+
+    class Ctx:
+        uid = gid = 0
+        pid = os.getpid()
+        umask = 0o022
+
+    async def lookup(parent: int, name: bytes) -> tuple[int, int]:
+        attr = await ops.lookup(parent, name, Ctx())  # type: ignore[arg-type]
+        return attr.st_ino, attr.generation
+
+    async def main() -> None:
+        d, _ = await lookup(ROOT_ID, b"d")
+        a, a_gen = await lookup(d, b"a")
+        assert (ops.inodes.get(a).key[2] is None) is not handles
+        if not _reuse_number(src / "d", "a", "b"):
+            pytest.skip("this filesystem did not reuse the inode number")
+        b, b_gen = await lookup(d, b"b")
+        if handles:
+            assert b != a  # another node: the old one still answers for a, gone
+            assert ops.inodes.get(a).name == b"a"
+            with pytest.raises(pyfuse3.FUSEError):
+                await ops.getattr(a, Ctx())  # type: ignore[arg-type]
+        else:
+            assert (b, b_gen) == (a, a_gen + 1)  # the same node, a new generation
+            assert ops.inodes.get(a).name == b"b"
+
+    try:
+        trio.run(main)
+    finally:
+        ops.close()
+        source.close()

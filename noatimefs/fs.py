@@ -190,28 +190,12 @@ class NoatimeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        return self._attributes(st, node.id, node.gen, node.view.consumer)
-
-    def _attributes(
-        self, st: os.stat_result, node_id: int, gen: int, consumer: policy.Consumer
-    ) -> pyfuse3.EntryAttributes:
-        uid, gid, mode = policy.present(st.st_mode, st.st_uid, st.st_gid, consumer)
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = node_id
-        attr.generation = gen
-        attr.entry_timeout = self.timeout
-        attr.attr_timeout = self.timeout
-        attr.st_mode = mode
-        attr.st_nlink = st.st_nlink
-        attr.st_uid = uid
-        attr.st_gid = gid
-        attr.st_rdev = st.st_rdev
-        attr.st_size = st.st_size
-        attr.st_blksize = st.st_blksize
-        attr.st_blocks = st.st_blocks
-        attr.st_atime_ns = st.st_atime_ns
-        attr.st_mtime_ns = st.st_mtime_ns
-        attr.st_ctime_ns = st.st_ctime_ns
+        """*node*'s attributes from *st*, presented to *node*'s view."""
+        attr = listing.attributes(st, self.timeout)
+        attr.st_ino = pyfuse3.InodeT(node.id)
+        attr.generation = node.gen
+        presented = policy.present(st.st_mode, st.st_uid, st.st_gid, node.view.consumer)
+        attr.st_uid, attr.st_gid, attr.st_mode = presented
         return attr
 
     @staticmethod

@@ -38,6 +38,12 @@ Entry = tuple[bytes, Identity, int, int, int, pyfuse3.EntryAttributes]
 
 def make_entry(name: bytes, st: os.stat_result, incarnation: bytes | None, timeout: float) -> Entry:
     """The kept facts of *name*, ``lstat``-ed as *st*."""
+    attr = attributes(st, timeout)
+    return (name, identity(st, incarnation), st.st_mode, st.st_uid, st.st_gid, attr)
+
+
+def attributes(st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
+    """The attributes of *st* that do not depend on who asks (no id, owner or mode yet)."""
     attr = pyfuse3.EntryAttributes()
     attr.entry_timeout = timeout
     attr.attr_timeout = timeout
@@ -49,7 +55,7 @@ def make_entry(name: bytes, st: os.stat_result, incarnation: bytes | None, timeo
     attr.st_atime_ns = st.st_atime_ns
     attr.st_mtime_ns = st.st_mtime_ns
     attr.st_ctime_ns = st.st_ctime_ns
-    return (name, identity(st, incarnation), st.st_mode, st.st_uid, st.st_gid, attr)
+    return attr
 
 
 def list_dir(fd: int, timeout: float) -> list[Entry]:

@@ -77,12 +77,32 @@ def _by_process(counts: object) -> str:
     return ", ".join(f"{name} {count}" for name, count in ranked)
 
 
+def _views(views: object) -> list[tuple[str, object]]:
+    """One row per view of a ``--per-user`` mount: its counts."""
+    if not isinstance(views, Mapping) or not views:
+        return [("views", "-")]
+    rows: list[tuple[str, object]] = [("views", len(views))]
+    for uid, counts in sorted(views.items(), key=lambda kv: int(kv[0])):
+        if isinstance(counts, Mapping):
+            rows.append(
+                (
+                    f"  uid {uid}",
+                    f"{counts.get('inodes', '?')} inodes, {counts.get('opens', '?')} opens, "
+                    f"O_NOATIME kept {counts.get('noatime_kept', '?')}, "
+                    f"dropped {counts.get('noatime_dropped', '?')}",
+                )
+            )
+    return rows
+
+
 def render(mountpoint: str, status: Mapping[str, object]) -> str:
     """The human-readable report, one fact per line."""
+    per_user = status.get("per_user")
+    owner = ("views for", per_user) if per_user else ("presented owner uid", status.get("owner"))
     rows: list[tuple[str, object]] = [
         ("mountpoint", mountpoint),
         ("source", status.get("source", "?")),
-        ("presented owner uid", status.get("owner", "?")),
+        (owner[0], "?" if owner[1] is None else owner[1]),
         ("pid", status.get("pid", "?")),
     ]
     uptime = status.get("uptime")
@@ -104,6 +124,8 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("files read ahead", status.get("read_ahead_files", "?")),
         ("walks ahead started", status.get("walk_ahead_named", "?")),
     ]
+    if per_user:
+        rows += _views(status.get("views"))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in rows)
 

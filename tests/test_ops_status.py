@@ -77,6 +77,28 @@ def test_status_counts_three_dropped_noatime_opens_by_python3(store: Path) -> No
             assert key in lines, human.stdout
 
 
+def test_status_of_a_per_user_mount_counts_per_view(store: Path) -> None:
+    with util.mounted(store, None, "--per-user", allow_other=True) as m:
+        for uid, gid, n in ((*util.NOBODY, 3), (1000, 1000, 2)):
+            path = str(m.path / "self" / "noatime" / "file.txt")
+            util.run_as(uid, gid, _OPENS, {"path": path, "n": n})
+        status = json.loads(status_cmd("--json", str(m.path)).stdout)
+        human = status_cmd(str(m.path))
+    assert status["owner"] is None
+    assert status["per_user"] == "any uid"
+    for uid, n in ((NOBODY_UID, 3), (1000, 2)):
+        view = status["views"][str(uid)]
+        assert view["opens"] == view["noatime_dropped"] == n, status
+        assert view["noatime_kept"] == 0, status
+    assert status["dropped_by_process"] == {"python3": 5}, status
+    assert human.returncode == 0, human.stderr
+    assert "views for:" in human.stdout
+    assert "views:" in human.stdout
+    assert f"uid {NOBODY_UID}:" in human.stdout
+    assert "3 opens, O_NOATIME kept 0, dropped 3" in human.stdout
+    assert "2 opens, O_NOATIME kept 0, dropped 2" in human.stdout
+
+
 def test_status_of_a_directory_that_is_not_a_mount_is_exit_4(world_tmp: Path) -> None:
     r = status_cmd(str(world_tmp))
     assert r.returncode == 4, r

@@ -378,6 +378,16 @@ def difference(want: Outcome, got: Outcome) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def drops() -> int:
+    """How many times anyone dropped the caches since boot (``drop_slab`` in /proc/vmstat)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "drop_slab":
+                return int(value)
+    return 0
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -398,6 +408,8 @@ class Run:
     shown: str
     ok: bool
     note: str = ""
+    #: drop_caches by other processes during the run: a "warm" run was partly cold
+    disturbed: int = 0
 
 
 def median(xs: Sequence[float]) -> float:
@@ -424,6 +436,9 @@ def table(runs: list[Run], modes: Sequence[str], workloads: Sequence[str]) -> st
                 cpu = med(w, c, m, "cpu")
                 bad = [r for r in mine if not r.ok]
                 check = f"MISMATCH: {bad[0].note}" if bad else f"ok ({mine[0].shown})"
+                disturbed = sum(1 for r in mine if r.disturbed)
+                if disturbed:
+                    check += f"; {disturbed} of {len(mine)} runs saw another drop_caches"
                 lines.append(
                     f"| {w} | {c} | {m} | {s:.3f} | {s / base:.2f} | {s / floor:.2f} | "
                     f"{'-' if cpu != cpu else f'{cpu:.2f}'} | {check} |"
@@ -729,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for mode in live:
                         m = active[mode]
                         for c in caches:
+                            drops0 = drops()
                             if c == "cold":
                                 drop_caches()
                             cpu0 = m.cpu()
@@ -740,7 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ref = expected.setdefault(w, o)
                             ok = o.signature == ref.signature and o.shown != "error"
                             note = "" if ok else difference(ref, o)
-                            runs.append(Run(rep, w, c, mode, o.seconds, cpu, o.shown, ok, note))
+                            foreign = drops() - drops0 - (c == "cold")
+                            runs.append(
+                                Run(rep, w, c, mode, o.seconds, cpu, o.shown, ok, note, foreign)
+                            )
                             i += 1
                             progress(
                                 i,

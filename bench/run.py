@@ -349,7 +349,9 @@ class Workloads:
 
     def open20k(self, root: str) -> Outcome:
         # The loop's own time: the interpreter's start-up is not the filesystem's.
-        cmd = ["/usr/bin/python3", "-c", OPENS_SCRIPT, self.listfile, str(self.opens)]
+        # -I: the interpreter must not list the cwd (the mount root) looking for modules: a
+        # readdirplus through noatimefs would hand the kernel every top-level entry first.
+        cmd = ["/usr/bin/python3", "-I", "-c", OPENS_SCRIPT, self.listfile, str(self.opens)]
         _, out, _ = self._run(root, cmd)
         n, dt = out.split()
         return Outcome(float(dt), n.decode(), f"{n.decode()} opens")
@@ -364,7 +366,7 @@ class Workloads:
         return self._listing(dt, out)
 
     def lookup(self, root: str) -> Outcome:
-        cmd = ["/usr/bin/python3", "-c", LOOKUP_SCRIPT, self.lookupfile]
+        cmd = ["/usr/bin/python3", "-I", "-c", LOOKUP_SCRIPT, self.lookupfile]  # -I: open20k
         _, out, _ = self._run(root, cmd)
         n, digest, dt = out.split()
         return Outcome(float(dt), f"{n.decode()} {digest.decode()}", f"{n.decode()} lstat")
@@ -383,6 +385,16 @@ def difference(want: Outcome, got: Outcome) -> str:
     else:
         text = f"{got.shown}, expected {want.shown}: {got.signature[:300]}"
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def drops() -> int:
+    """How many times anyone dropped the caches since boot (``drop_slab`` in /proc/vmstat)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "drop_slab":
+                return int(value)
+    return 0
 
 
 def drop_caches() -> None:
@@ -405,6 +417,8 @@ class Run:
     shown: str
     ok: bool
     note: str = ""
+    #: drop_caches by other processes during the run: a "warm" run was partly cold
+    disturbed: int = 0
 
 
 def median(xs: Sequence[float]) -> float:
@@ -431,6 +445,9 @@ def table(runs: list[Run], modes: Sequence[str], workloads: Sequence[str]) -> st
                 cpu = med(w, c, m, "cpu")
                 bad = [r for r in mine if not r.ok]
                 check = f"MISMATCH: {bad[0].note}" if bad else f"ok ({mine[0].shown})"
+                disturbed = sum(1 for r in mine if r.disturbed)
+                if disturbed:
+                    check += f"; {disturbed} of {len(mine)} runs saw another drop_caches"
                 lines.append(
                     f"| {w} | {c} | {m} | {s:.3f} | {s / base:.2f} | {s / floor:.2f} | "
                     f"{'-' if cpu != cpu else f'{cpu:.2f}'} | {check} |"
@@ -736,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for mode in live:
                         m = active[mode]
                         for c in caches:
+                            drops0 = drops()
                             if c == "cold":
                                 drop_caches()
                             cpu0 = m.cpu()
@@ -747,7 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ref = expected.setdefault(w, o)
                             ok = o.signature == ref.signature and o.shown != "error"
                             note = "" if ok else difference(ref, o)
-                            runs.append(Run(rep, w, c, mode, o.seconds, cpu, o.shown, ok, note))
+                            foreign = drops() - drops0 - (c == "cold")
+                            runs.append(
+                                Run(rep, w, c, mode, o.seconds, cpu, o.shown, ok, note, foreign)
+                            )
                             i += 1
                             progress(
                                 i,

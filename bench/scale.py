@@ -24,8 +24,22 @@ what show the memory is bounded. Run as root (it mounts and drops caches)::
 
     .venv/bin/python bench/scale.py --entries 1000000 [--json out.json]
 
-The tests import :func:`walk_and_forget` and :func:`open_close_cycles` and
-run them on their own mounts (``tests/test_scale_walk.py``).
+``--top-level N`` measures a store's shape instead: a top level of N store
+paths (one directory with two empty files each, 5% single files; cached under
+the same directory), listed cold by a fresh daemon with SOURCE's caches
+dropped, while another thread ``stat``-s paths the kernel has not seen (each
+a lookup the daemon answers) and calls ``statvfs`` (never cached by the kernel):
+their latencies say whether the listing stalls other callers. Then: the kept
+listing's size (``top_level_entries``), the daemon's RSS growth per top-level
+entry (which includes the inode the kernel now remembers for each, readdirplus
+being a lookup), and the bytes per entry of a kept listing alone, measured
+in-process (:func:`listing_cost`)::
+
+    .venv/bin/python bench/scale.py --top-level 200000 --cycles 0
+
+The tests import :func:`walk_and_forget`, :func:`open_close_cycles` and
+:func:`list_top_level` and run them on their own mounts
+(``tests/test_scale_walk.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -392,6 +407,157 @@ def mount(source: str, workdir: Path, *args: str) -> Iterator[tuple[str, int]]:
         sys.stderr.write("".join(log.read_text(errors="replace").splitlines(True)[-5:]))
 
 
+def top_tree_args(paths: int) -> dict[str, int]:
+    """The storegen arguments of a big top level (metadata only)."""
+    return {"paths": paths, "dirs_per_path": 1, "files_per_dir": 2, "max_file_size": 0, "seed": 0}
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+@dataclasses.dataclass
+class TopLevelResult:
+    entries: int  # names listed
+    cold_seconds: float  # the first listing, SOURCE's caches dropped, nothing kept
+    warm_seconds: float  # the same again, served from the kept listing
+    kept: int  # top_level_entries of the daemon's status after the first listing
+    rss_before: int
+    rss_after: int
+    inodes_added: int
+    stat_ms: list[float]  # lookups of unseen paths during the cold listing
+    statvfs_ms: list[float]  # statvfs during the cold listing
+
+    @property
+    def rss_per_entry(self) -> float:
+        return (self.rss_after - self.rss_before) / max(1, self.kept)
+
+    @staticmethod
+    def _summary(xs: Sequence[float]) -> dict[str, float]:
+        return {
+            "count": len(xs),
+            "median_ms": round(statistics.median(xs), 3) if xs else float("nan"),
+            "p99_ms": round(_percentile(xs, 0.99), 3),
+            "max_ms": round(max(xs), 3) if xs else float("nan"),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stat_ms"] = self._summary(self.stat_ms)
+        d["statvfs_ms"] = self._summary(self.statvfs_ms)
+        d["rss_per_entry"] = round(self.rss_per_entry, 1)
+        return d
+
+    def text(self) -> str:
+        st, sv = self._summary(self.stat_ms), self._summary(self.statvfs_ms)
+        return (
+            f"top level of {self.entries:,} entries: listed cold in {self.cold_seconds:.2f} s, "
+            f"warm in {self.warm_seconds:.3f} s; kept {self.kept:,} entries\n"
+            f"  during the cold listing: stat of an unseen path median {st['median_ms']} ms, "
+            f"p99 {st['p99_ms']} ms, max {st['max_ms']} ms ({st['count']} stats); "
+            f"statvfs median {sv['median_ms']} ms, max {sv['max_ms']} ms ({sv['count']})\n"
+            f"  daemon RSS {self.rss_before / 2**20:.1f} -> {self.rss_after / 2**20:.1f} MiB: "
+            f"{self.rss_per_entry:.0f} bytes per top-level entry (the kept listing, and "
+            f"{self.inodes_added:,} inodes the kernel now remembers)\n"
+        )
+
+
+def list_top_level(
+    mnt: str | os.PathLike[str], status: Status, probes: Sequence[str]
+) -> TopLevelResult:
+    """List *mnt* cold while a thread stats *probes* (paths below it) and statvfs-es it."""
+    drop_caches(3)
+    wait_for_forgets(status, floor=1)
+    before = status()
+    stat_ms: list[float] = []
+    statvfs_ms: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        for path in probes:
+            if done.is_set():
+                return
+            t = time.perf_counter()
+            os.stat(path)
+            stat_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            os.statvfs(mnt)
+            statvfs_ms.append((time.perf_counter() - t) * 1000)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    t0 = time.perf_counter()
+    prober.start()
+    try:
+        names = os.listdir(mnt)
+        cold = time.perf_counter() - t0
+    finally:
+        done.set()
+        prober.join()
+    after = status()
+    t0 = time.perf_counter()
+    again = os.listdir(mnt)
+    warm = time.perf_counter() - t0
+    if sorted(again) != sorted(names):
+        raise RuntimeError("the kept top-level listing differs from the first one")
+    return TopLevelResult(
+        len(names),
+        cold,
+        warm,
+        int(after["top_level_entries"]),
+        int(before["rss"]),
+        int(after["rss"]),
+        int(after["inodes"]) - int(before["inodes"]),
+        stat_ms,
+        statvfs_ms,
+    )
+
+
+def listing_cost(root: str) -> dict[str, float]:
+    """Keep a listing of *root* in-process, as the daemon keeps its top level; bytes per entry."""
+    import gc
+
+    import psutil
+
+    from noatimefs.listing import list_dir
+    from noatimefs.toplevel import TopLevel
+
+    proc = psutil.Process()
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        top = TopLevel(fd, 300.0)
+        top.watching = True
+        build = top.begin()
+        entries = top.install(build, list_dir(fd, 300.0))
+        rss1 = proc.memory_info().rss
+    finally:
+        os.close(fd)
+    n = len(entries)
+    del top, build, entries
+    gc.collect()
+    return {
+        "entries": n,
+        "rss_before": rss0,
+        "rss_kept": rss1,
+        "bytes_per_entry": round((rss1 - rss0) / max(1, n), 1),
+    }
+
+
+def top_probes(source: str, mnt: str, count: int = 5000) -> list[str]:
+    """Paths below *mnt* for :func:`list_top_level` to stat: a file in each of *count*
+    store paths of *source* (taken from the end of its listing: seen last, if at all)."""
+    found = []
+    with os.scandir(source) as it:
+        names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+    for name in reversed(names[-count:]):
+        with os.scandir(os.path.join(source, name)) as it:
+            first = next((e.name for e in it), None)
+        if first is not None:
+            found.append(os.path.join(mnt, name, first))
+    return found
+
+
 def small_files(root: str, limit: int) -> list[str]:
     """Up to *limit* regular files below *root* (through the mount)."""
     found: list[str] = []
@@ -405,6 +571,7 @@ def small_files(root: str, limit: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--entries", type=int, default=1_000_000)
+    p.add_argument("--top-level", type=int, default=0, help="top-level store paths (not --entries)")
     p.add_argument("--cycles", type=int, default=100_000, help="open/close cycles (0: none)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument(
@@ -414,10 +581,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         p.error("run as root (mounts, drop_caches)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-    dest = CACHE_DIR / f"store-{args.entries}"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    summary = storegen.ensure_tree(dest, **tree_args(args.entries))
+    if args.top_level:
+        dest = CACHE_DIR / f"top-{args.top_level}"
+        summary = storegen.ensure_tree(dest, **top_tree_args(args.top_level))
+    else:
+        dest = CACHE_DIR / f"store-{args.entries}"
+        summary = storegen.ensure_tree(dest, **tree_args(args.entries))
     print(
         f"tree {dest}: {summary.entries:,} entries ({summary.dirs:,} dirs, "
         f"{summary.files:,} files, {summary.symlinks:,} symlinks), "
@@ -425,6 +596,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results: dict[str, Any] = {"tree": summary.to_json()}
+    if args.top_level:
+        cost = listing_cost(str(dest))
+        print(
+            f"in-process kept listing of {cost['entries']:,} top-level entries: "
+            f"{cost['bytes_per_entry']:.0f} bytes/entry (RSS {cost['rss_before'] / 2**20:.0f} -> "
+            f"{cost['rss_kept'] / 2**20:.0f} MiB)",
+            flush=True,
+        )
+        results["listing"] = cost
     if args.table:
         cost = table_cost(str(dest), args.entries + 1)
         print(
@@ -438,9 +618,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="noatimefs-scale-"))
     try:
         with mount(str(dest), work) as (mnt, pid):
-            walk = walk_and_forget(mnt)
-            print(walk.text(), flush=True)
-            results["walk"] = walk.to_json()
+            if args.top_level:
+                top = list_top_level(mnt, lambda: read_status(mnt), top_probes(str(dest), mnt))
+                print(top.text(), flush=True)
+                results["top_level"] = top.to_json()
+            else:
+                walk = walk_and_forget(mnt)
+                print(walk.text(), flush=True)
+                results["walk"] = walk.to_json()
             if args.cycles:
                 files = small_files(mnt, 1000)
                 cyc = open_close_cycles(files, args.cycles, lambda: read_status(mnt))

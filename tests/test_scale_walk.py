@@ -146,3 +146,49 @@ def test_million_entry_walk_and_100k_cycles(record_property: Callable[[str, obje
         assert m.proc.poll() is None
     _check_walk(walk, summary.entries + 1, record_property)
     _check_cycles(cycles, BIG_CYCLES, record_property)
+
+
+#: Store paths at the top level: by default, and with ``-m slow``.
+SMALL_TOP = 2_000
+BIG_TOP = 200_000
+#: A loose bound on the daemon's RSS per top-level entry (kept listing + remembered inode).
+MAX_BYTES_PER_TOP_ENTRY = 4096
+
+
+def _check_top(result: object, paths: int, record: Callable[[str, object], None]) -> None:
+    r = result
+    assert isinstance(r, scale.TopLevelResult)
+    print(r.text())
+    record("top_level", r.to_json())
+    assert r.entries == r.kept == paths
+    assert r.stat_ms, "no stat was answered while the top level was listed"
+
+
+def test_top_level_listing_small(
+    world_tmp: Path, record_property: Callable[[str, object], None]
+) -> None:
+    src = world_tmp / "src"
+    storegen.generate(src, **scale.top_tree_args(SMALL_TOP))
+    with util.mounted(src) as m:
+        probes = scale.top_probes(os.fspath(src), os.fspath(m.path), 500)
+        result = scale.list_top_level(m.path, m.status, probes)
+        assert m.proc.poll() is None
+    _check_top(result, SMALL_TOP, record_property)
+
+
+@pytest.mark.slow
+def test_top_level_of_200k_store_paths(record_property: Callable[[str, object], None]) -> None:
+    util.fuse_available()
+    dest = scale.CACHE_DIR / f"top-{BIG_TOP}"
+    scale.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    storegen.ensure_tree(dest, **scale.top_tree_args(BIG_TOP))
+    cost = scale.listing_cost(os.fspath(dest))
+    print(cost)
+    record_property("kept_listing", cost)
+    with util.mounted(dest) as m:
+        probes = scale.top_probes(os.fspath(dest), os.fspath(m.path))
+        result = scale.list_top_level(m.path, m.status, probes)
+        assert m.proc.poll() is None
+    _check_top(result, BIG_TOP, record_property)
+    assert result.rss_per_entry < MAX_BYTES_PER_TOP_ENTRY
+    assert cost["bytes_per_entry"] < MAX_BYTES_PER_TOP_ENTRY

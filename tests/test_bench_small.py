@@ -135,24 +135,7 @@ def test_bench_small_outputs_match_native(scratch: Path) -> None:
         pytest.skip(why)
     have_noatimefs = importlib.util.find_spec("noatimefs.cli") is not None
     required = ["native", "bindfs", "bindfs-tuned", "floor"] + ["noatimefs"] * have_noatimefs
-    out = scratch / "bench.out"
-    result = scratch / "result.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "bench" / "run.py"),
-        "--small",
-        "--reps=1",
-        "--opens=300",
-        f"--cache={scratch / 'cache'}",
-        f"--out={scratch / 'results'}",
-        f"--json={result}",
-        f"--require={','.join(required)}",
-    ]
-    with open(out, "wb") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
-    log = out.read_text(errors="replace")
-    assert rc == 0, log
-    data = json.loads(result.read_text())
+    data, log = _run_bench(scratch, "--opens=300", f"--require={','.join(required)}")
     assert set(required) <= set(data["modes"]), log
     runs = data["runs"]
     assert {r["workload"] for r in runs} == {
@@ -166,8 +149,6 @@ def test_bench_small_outputs_match_native(scratch: Path) -> None:
     assert [r for r in runs if not r["ok"]] == [], log
     assert len(runs) == 6 * 2 * len(data["modes"])
     assert list((scratch / "results").glob("*.md")), log
-    with open("/proc/self/mountinfo") as f:
-        assert str(scratch) not in f.read()
     assert not list((scratch / "cache").glob("mnt.*"))
 
 
@@ -211,6 +192,25 @@ def _run_bench(scratch: Path, *args: str) -> tuple[dict[str, Any], str]:
     with open("/proc/self/mountinfo") as f:
         assert str(scratch) not in f.read()
     return json.loads(result.read_text()), log
+
+
+@pytest.mark.mount
+def test_bench_small_view_outputs_match_native(scratch: Path) -> None:
+    """A --per-user view (mode noatimefs-view, the workloads in MNT/<uid>): outputs as native's."""
+    why = _fuse_ready()
+    if why:
+        if CI:
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
+    modes = "native,noatimefs-view"
+    workloads = "find,stat,small_read,open20k,ls"
+    data, log = _run_bench(
+        scratch, f"--modes={modes}", f"--require={modes}", "--opens=300", f"--workloads={workloads}"
+    )
+    runs = data["runs"]
+    assert {r["mode"] for r in runs} == set(modes.split(",")), log
+    assert {r["workload"] for r in runs} == set(workloads.split(",")), log
+    assert [r for r in runs if not r["ok"]] == [], log
 
 
 @pytest.mark.mount

@@ -19,7 +19,6 @@ mount); group membership of a uid is read when its view is made.
 from __future__ import annotations
 
 import grp
-import logging
 import pwd
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,8 +29,6 @@ from noatimefs.errors import Exit, QuietError
 
 if TYPE_CHECKING:
     from noatimefs.inodes import Node
-
-log = logging.getLogger(__name__)
 
 #: The largest uid the kernel has (``(uid_t)-1`` is "no uid").
 MAX_UID = (1 << 32) - 2

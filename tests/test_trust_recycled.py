@@ -144,10 +144,10 @@ def prober_for(kind: str, path: Path, held: int | None, r: int) -> Callable[[], 
         return path.read_bytes  # by the cached name
 
     def listing() -> bytes:
-        names = sorted(os.listdir(f"/proc/self/fd/{held}"))  # a new opendir of the held inode
+        names = sorted(os.listdir(path))  # a new opendir, by the cached name
         for tag in (f"A{r}", f"B{r}"):
             try:
-                os.stat(content(kind, tag), dir_fd=held)
+                os.stat(path / content(kind, tag).decode())
                 names.append("found:" + content(kind, tag).decode())
             except FileNotFoundError:
                 pass
@@ -195,8 +195,10 @@ def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
     elif kind == "file":
         os.stat(md / old)  # the name and inode cached, not the pages: a read goes to the daemon
     else:
-        held = os.open(md / old, os.O_RDONLY | os.O_DIRECTORY)
-        assert os.listdir(held) == [content(kind, f"A{r}").decode()]
+        # The name and inode cached, nothing held open: a directory open through the
+        # mount is open in the daemon too, which keeps SOURCE's directory (and its
+        # number) alive for as long.
+        assert os.listdir(md / old) == [content(kind, f"A{r}").decode()]
     prober = Prober(prober_for(kind, md / old, held, r))
     try:
         # 2. gone from SOURCE; the prober asks
@@ -223,7 +225,7 @@ def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
         return
     remove(kind, d / new)
     allowed = {probe_expected(kind, f"A{r}"): "old"}
-    if same_name and kind == "file":  # asked by name: the new file took the name
+    if same_name and kind != "symlink":  # asked by name: the new file took the name
         allowed[probe_expected(kind, f"B{r}")] = "new"
     tally.probes += len(prober.answers)
     for after, got in prober.answers:

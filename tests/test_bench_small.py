@@ -117,6 +117,15 @@ def test_storegen_shape_is_deterministic(scratch: Path) -> None:
         storegen.generate(scratch / "c", paths=3, dirs_per_path=2)
 
 
+def _require_fuse() -> None:
+    """Skip (fail, with CI=true) unless the bench can mount."""
+    why = _fuse_ready()
+    if why:
+        if CI:
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
+
+
 def _fuse_ready() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
@@ -128,11 +137,7 @@ def _fuse_ready() -> str | None:
 
 @pytest.mark.mount
 def test_bench_small_outputs_match_native(scratch: Path) -> None:
-    why = _fuse_ready()
-    if why:
-        if CI:
-            pytest.fail(f"CI=true: {why}")
-        pytest.skip(why)
+    _require_fuse()
     have_noatimefs = importlib.util.find_spec("noatimefs.cli") is not None
     required = ["native", "bindfs", "bindfs-tuned", "floor"] + ["noatimefs"] * have_noatimefs
     data, log = _run_bench(scratch, "--opens=300", f"--require={','.join(required)}")
@@ -197,11 +202,7 @@ def _run_bench(scratch: Path, *args: str) -> tuple[dict[str, Any], str]:
 @pytest.mark.mount
 def test_bench_small_view_outputs_match_native(scratch: Path) -> None:
     """A --per-user view (mode noatimefs-view, the workloads in MNT/<uid>): outputs as native's."""
-    why = _fuse_ready()
-    if why:
-        if CI:
-            pytest.fail(f"CI=true: {why}")
-        pytest.skip(why)
+    _require_fuse()
     modes = "native,noatimefs-view"
     workloads = "find,stat,small_read,open20k,ls"
     data, log = _run_bench(
@@ -232,11 +233,7 @@ def test_bench_small_view_outputs_match_native(scratch: Path) -> None:
 )
 def test_bench_small_shapes_outputs_match_native(scratch: Path, args: list[str]) -> None:
     """The big top level (ls, glob, lookup, find) and a chosen shape: outputs as native's."""
-    why = _fuse_ready()
-    if why:
-        if CI:
-            pytest.fail(f"CI=true: {why}")
-        pytest.skip(why)
+    _require_fuse()
     modes = "native,noatimefs,bindfs-tuned"
     data, log = _run_bench(scratch, f"--modes={modes}", f"--require={modes}", *args)
     assert data["modes"] == modes.split(","), log

@@ -93,6 +93,21 @@ def test_install_refuses_to_replace_a_command_it_did_not_make() -> None:
         assert util.leftovers_of_install() == []
 
 
+def _dev(
+    clone: Path, verb: str, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``CLONE/dev VERB`` run from / with *env*; its output captured."""
+    return subprocess.run(
+        [str(clone / "dev"), verb],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_install_from_a_clone_of_another_user_at_other_places(world_tmp: Path) -> None:
     """``sudo ./dev install`` from a user's clone (git's ownership check), PREFIX & co. honoured."""
     clone = world_tmp / "clone"
@@ -116,15 +131,7 @@ def test_install_from_a_clone_of_another_user_at_other_places(world_tmp: Path) -
     }
     env = {**os.environ, **{k: str(v) for k, v in places.items()}}
     start = time.monotonic()
-    r = subprocess.run(
-        [str(clone / "dev"), "install"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=900,
-        check=False,
-    )
+    r = _dev(clone, "install", env, timeout=900)
     print(f"./dev install: {time.monotonic() - start:.1f} s")
     assert r.returncode == 0, r.stdout + r.stderr
     command = places["BINDIR"] / "noatimefs"
@@ -134,15 +141,7 @@ def test_install_from_a_clone_of_another_user_at_other_places(world_tmp: Path) -
     assert list(site.glob("python3*/site-packages/noatimefs/listing.py")), "not the clone's files"
     assert (places["UNITDIR"] / "noatimefs@.service").is_file()
     assert not (clone / "build").exists(), "the build wrote into the clone"
-    r = subprocess.run(
-        [str(clone / "dev"), "uninstall"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=120,
-        check=False,
-    )
+    r = _dev(clone, "uninstall", env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not command.is_symlink()
     assert not places["PREFIX"].exists()

@@ -35,9 +35,12 @@ under it (the kernel sends ``release`` only after every read on the handle has
 been answered); the top-level listing is built in the thread and handed to
 :mod:`noatimefs.toplevel`, which applies the changes seen meanwhile.
 
-Listings: ``opendir`` only checks the caller's access; the first ``readdir``
-of a handle takes the listing (kept, or made then) and the handle serves that
-same list to its end. Kept listings hold facts of SOURCE only; readdir
+Listings: ``opendir`` only checks the caller's access and tells the kernel
+whether it may keep serving its own copy of the listing
+(:mod:`noatimefs.kernelcache`); the first ``readdir`` of a handle
+takes the listing (kept, or made then). Offsets are cookies that mean the same
+in every listing of a directory, so a handle at the top level goes on in the
+kept list as it changes. Kept listings hold facts of SOURCE only; readdir
 presents them per request (:mod:`noatimefs.listing`).
 """
 
@@ -61,7 +64,7 @@ import psutil
 import pyfuse3
 import trio
 
-from noatimefs import listing, loop, policy, procinfo
+from noatimefs import kernelcache, listing, loop, policy, procinfo, replyflags
 from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
@@ -127,6 +130,7 @@ class _DirHandle:
     fd: int  # open for reading on the directory (-1 for SOURCE's root: root_fd is used)
     ctime_ns: int  # of the directory when it was opened
     entries: list[listing.Entry] | None = None  # listed at the first readdir
+    kernel_cache: bool = False  # opened with FOPEN_CACHE_DIR: replies may fill the kernel's copy
     #: With --per-user, the mount root's own listing: self and the views.
     root_entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
     root_st: os.stat_result | None = None  # SOURCE's root when that listing was made
@@ -162,6 +166,9 @@ class NoatimeFS(pyfuse3.Operations):
         self.files: dict[int, _FileHandle] = {}  # fh is the backing fd
         self.dirs: dict[int, _DirHandle] = {}
         self._dir_ids = itertools.count(1)
+        #: Let the kernel keep listings (noatimefs.replyflags): not with --timeout 0,
+        #: which asks for every listing to come from SOURCE.
+        self.kernel_listings = replyflags.loaded() and timeout > 0
         self.stats = Stats()
         self.dir_cache: DirCache[listing.Entry] = DirCache(timeout)
         self.top = TopLevel(source.root_fd, timeout)
@@ -463,24 +470,56 @@ class NoatimeFS(pyfuse3.Operations):
         self.inodes.refresh(node, dir_st)
         fh = next(self._dir_ids)
         node.opens += 1
-        self.dirs[fh] = _DirHandle(node, fd, dir_st.st_ctime_ns)
-        return pyfuse3.FileHandleT(fh)
+        handle = self.dirs[fh] = _DirHandle(node, fd, dir_st.st_ctime_ns)
+        if not self.kernel_listings:
+            return pyfuse3.FileHandleT(fh)
+        handle.kernel_cache = True
+        stamp = self._stamp_now(handle)
+        keep, node.cached = kernelcache.kernel_cache(node.cached, stamp, alone=node.opens == 1)
+        return pyfuse3.FileHandleT(replyflags.handle(fh, keep=keep))
+
+    def _stamp_now(self, handle: _DirHandle) -> int | None:
+        """The stamp of the listing *handle*'s directory has now (kernelcache.kernel_cache)."""
+        if handle.node.parent is not None:
+            return handle.ctime_ns  # a change of the directory's entries changes its ctime
+        if not self.top.watching:
+            return None  # no watch: a change would not be seen
+        self._top_events()
+        return self.top.version
+
+    def _stamp_served(self, handle: _DirHandle) -> int | None:
+        """The stamp of the listing *handle* serves (None: not one a later opendir could know)."""
+        if handle.node.parent is not None:
+            return handle.ctime_ns
+        if not self.top.watching or not self.top.holds(handle.entries):
+            return None
+        return self.top.version
 
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        handle = self.dirs[fh]
+        if self.kernel_listings and replyflags.inactive(fh):
+            self._kernel_listings_off()
+        handle = self.dirs[replyflags.strip(fh)]
+        self.stats.readdirs += 1
         if handle.node is self.inodes.root and self.per_user is not None:
             return self._read_user_root(handle, start_id, token)
-        entries = handle.entries
-        if entries is None:
-            if handle.node.parent is None:
-                entries = await self._top_listing()
-            else:
-                entries = self._listing(handle)
-            handle.entries = entries
         node = handle.node
-        listing.reply(token, node, entries, start_id, node.view.consumer, self.inodes)
+        if node.parent is None and (handle.entries is None or start_id == 0):
+            handle.entries = await self._top_listing()  # (re)wound: the listing of now
+        elif handle.entries is None:
+            handle.entries = self._listing(handle)
+        listing.reply(token, node, handle.entries, start_id, node.view.consumer, self.inodes)
+        if handle.kernel_cache:
+            node.cached = kernelcache.served(node.cached, self._stamp_served(handle))
+
+    def _kernel_listings_off(self) -> None:
+        """A handle came back with its flag bits: pyfuse3 answered without our fuse_reply_open."""
+        self.kernel_listings = False
+        log.warning(
+            "the kernel cannot keep listings (noatimefs._replyflags loaded too late?): "
+            "every listing is served by the daemon"
+        )
 
     def _listing(self, handle: _DirHandle) -> list[listing.Entry]:
         """The listing of a directory below the top level: cached, or made now."""
@@ -520,7 +559,7 @@ class NoatimeFS(pyfuse3.Operations):
             os.close(fd)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
-        handle = self.dirs.pop(fh, None)
+        handle = self.dirs.pop(replyflags.strip(fh), None)
         if handle is not None:
             handle.node.opens -= 1
             if handle.fd >= 0:
@@ -757,6 +796,8 @@ class NoatimeFS(pyfuse3.Operations):
             "top_level_entries": len(self.top),
             "top_level_listed": self.top.listed,
             "top_level_updated": self.top.updated,
+            "kernel_listings": self.kernel_listings,
+            "kernel_listings_flagged": replyflags.applied(),
             "read_ahead_files": self.read_ahead.files,
             "read_ahead_dropped": self.read_ahead.dropped,
             "walk_ahead_named": self.walk_ahead.named,

@@ -74,6 +74,8 @@ import stat
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
+from noatimefs.kernelcache import Cached, Copy
+
 if TYPE_CHECKING:
     from noatimefs.views import View
 
@@ -103,6 +105,7 @@ class Node:
         "fmt",
         "opens",
         "view",
+        "cached",
     )
 
     def __init__(
@@ -125,6 +128,8 @@ class Node:
         self.fmt = stat.S_IFMT(mode)
         self.opens = 0
         self.view = view  # the presentation this node belongs to (views.py)
+        #: A directory: what the kernel holds of its listing (kernelcache).
+        self.cached: Cached = Copy.UNKNOWN
 
     def path(self) -> bytes:
         """The path relative to SOURCE this node was last seen under (``b""``: a root).

@@ -19,10 +19,29 @@ entry's one ``EntryAttributes``. That is safe because ``readdir_reply`` copies
 the attributes into the reply buffer, and no other handler runs during the
 loop (it has no ``await``). The consumer to present to is a parameter, so
 listings can be shared by callers presented differently.
+
+Offsets
+-------
+A readdir offset (the kernel's ``d_off``, "where to go on from") is not an
+index but :func:`cookie`, a 63-bit hash of the entry's name, and every listing
+is in cookie order (:func:`in_cookie_order`). So an offset means the same in
+every listing of a directory, as a hashed directory's offsets do on ext4: a
+handle can go on from an offset in a newer listing, where names added or
+removed meanwhile may or may not show but no other name is skipped or repeated.
+That is what lets the kernel keep listings (below), and lets the kept top level
+be edited in place. Two names of one directory with the same cookie (odds of
+about n²/2⁶⁴) would lose the second when a readdir resumes between them.
+
+The kernel's listing cache
+--------------------------
+The kernel may serve ``getdents`` from its own copy of a listing
+(:mod:`noatimefs.kernelcache`): cookies are what keeps such a copy right
+when it was filled from more than one listing.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable
 
@@ -58,8 +77,31 @@ def attributes(st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
     return attr
 
 
+_COOKIE_MASK = (1 << 63) - 1  # offsets are positive loff_t; 0 is the start
+
+
+def cookie(name: bytes) -> int:
+    """The readdir offset that goes on after the entry *name* (the same all the daemon's life)."""
+    return hash(name) & _COOKIE_MASK or 1
+
+
+def entry_cookie(entry: Entry) -> int:
+    return cookie(entry[0])
+
+
+def in_cookie_order(entries: list[Entry]) -> list[Entry]:
+    """*entries*, sorted in place by cookie (the order every served listing has)."""
+    entries.sort(key=entry_cookie)
+    return entries
+
+
+def after(entries: list[Entry], offset: int) -> int:
+    """The index in *entries* (in cookie order) where a readdir at *offset* goes on."""
+    return bisect.bisect_right(entries, offset, key=entry_cookie) if offset else 0
+
+
 def list_dir(fd: int, timeout: float) -> list[Entry]:
-    """The entries of the directory open (for reading) on *fd*, in readdir order.
+    """The entries of the directory open (for reading) on *fd*, in cookie order.
 
     Touches no daemon state, so it may run in a worker thread.
     """
@@ -72,7 +114,7 @@ def list_dir(fd: int, timeout: float) -> list[Entry]:
             except FileNotFoundError:
                 continue  # removed since it was listed
             entries.append(make_entry(name, st, incarnation, timeout))
-    return entries
+    return in_cookie_order(entries)
 
 
 #: Called as present(mode, uid, gid, consumer) -> presented (uid, gid, mode).
@@ -88,20 +130,19 @@ def reply(
     inodes: InodeTable,
     present: Presenter = policy.present,
 ) -> int:
-    """Send *entries* from index *start* on, presented to *consumer*; how many were sent.
+    """Send *entries* (in cookie order) after offset *start*, presented to *consumer*.
 
-    An entry is remembered in *inodes* (the kernel's lookup count + 1) only
-    once the kernel has taken it: readdirplus counts as a lookup of each entry
-    it returns. Offsets are indexes into *entries* (+ 1), so the same list must
-    be served for the whole life of a directory handle.
+    How many were sent. An entry is remembered in *inodes* (the kernel's lookup
+    count + 1) only once the kernel has taken it: readdirplus counts as a lookup
+    of each entry it returns.
     """
     sent = 0
-    for index in range(start, len(entries)):
+    for index in range(after(entries, start), len(entries)):
         name, key, mode, uid, gid, attr = entries[index]
         ctime_ns = attr.st_ctime_ns
         attr.st_ino, attr.generation = inodes.peek(key, mode, ctime_ns, parent.view.tag)
         attr.st_uid, attr.st_gid, attr.st_mode = present(mode, uid, gid, consumer)
-        if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+        if not pyfuse3.readdir_reply(token, name, attr, cookie(name)):
             break  # not sent: the table must not learn of it
         inodes.remember_key(parent, name, key, mode, ctime_ns)
         sent += 1

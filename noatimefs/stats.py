@@ -22,6 +22,7 @@ class Stats:
     noatime_dropped: int = 0
     invalidations: int = 0
     reads_waited: int = 0  # reads that found the data not in SOURCE's page cache
+    readdirs: int = 0  # READDIR requests: the listings the kernel did not serve itself
     kept_by_process: Counter[str] = field(default_factory=Counter)
     dropped_by_process: Counter[str] = field(default_factory=Counter)
     _logged: set[int] = field(default_factory=set)
@@ -61,6 +62,7 @@ class Stats:
             "noatime_dropped": self.noatime_dropped,
             "invalidations": self.invalidations,
             "reads_waited": self.reads_waited,
+            "readdirs": self.readdirs,
             "kept_by_process": dict(self.kept_by_process),
             "dropped_by_process": dict(self.dropped_by_process),
         }

@@ -95,6 +95,10 @@ def _views(views: object) -> list[tuple[str, object]]:
     return rows
 
 
+def _on_off(value: object) -> str:
+    return "?" if value is None else "on" if value else "off"
+
+
 def render(mountpoint: str, status: Mapping[str, object]) -> str:
     """The human-readable report, one fact per line."""
     per_user = status.get("per_user")
@@ -123,6 +127,8 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("reads that waited", status.get("reads_waited", "?")),
         ("files read ahead", status.get("read_ahead_files", "?")),
         ("walks ahead started", status.get("walk_ahead_named", "?")),
+        ("kernel listings", _on_off(status.get("kernel_listings"))),
+        ("listings served", status.get("readdirs", "?")),
     ]
     if per_user:
         rows += _views(status.get("views"))

@@ -26,17 +26,20 @@ records the names they touch, and :meth:`install` applies those to the fresh
 listing before keeping it (or keeps nothing, if the queue overflowed or the
 watch was not running when the listing began).
 
-Readdir offsets are indexes into one list, so a directory handle keeps the list
-it started with; a change makes a new list for the next handle
-(:meth:`entries`), never edits one in place.
+The kept list is in cookie order (:mod:`noatimefs.listing`, "Offsets") and
+each change is made in it in place, at its place by cookie: a handle part way
+through goes on in the changed list. :attr:`TopLevel.version` counts the
+changes (the stamp of the kernel's copy of the listing, see
+``listing.kernel_cache``).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
-from noatimefs.listing import Entry, make_entry
+from noatimefs.listing import Entry, cookie, entry_cookie, in_cookie_order, make_entry
 from noatimefs.source import identify
 
 
@@ -54,7 +57,8 @@ class TopLevel:
         self.timeout = timeout
         self.watching = False  # set by the daemon while its watch runs
         self._by_name: dict[bytes, Entry] | None = None  # None: nothing kept
-        self._list: list[Entry] | None = None  # _by_name's values, made when asked for
+        self._list: list[Entry] | None = None  # _by_name's values, in cookie order
+        self.version = 0  # + 1 at each change of what is kept
         self._expires = 0.0
         self._builds: list[Build] = []
         self.listed = 0  # listings made from SOURCE
@@ -70,9 +74,11 @@ class TopLevel:
         if time.monotonic() >= self._expires:
             self.drop()
             return None
-        if self._list is None:
-            self._list = list(self._by_name.values())
         return self._list
+
+    def holds(self, entries: list[Entry] | None) -> bool:
+        """Whether *entries* is the kept list (the one changes are made in)."""
+        return entries is not None and entries is self._list
 
     def begin(self) -> Build:
         """Before listing SOURCE's top level: record what changes meanwhile."""
@@ -86,8 +92,9 @@ class TopLevel:
         if build.spoiled:
             return entries
         self.listed += 1
+        self.version += 1
         self._by_name = {entry[0]: entry for entry in entries}
-        self._list = entries
+        self._list = in_cookie_order(entries)
         self._expires = time.monotonic() + self.timeout
         for name in build.names:
             self._relist(name)
@@ -102,6 +109,7 @@ class TopLevel:
 
     def drop(self) -> None:
         """Forget the listing (and spoil those being made): the next readdir lists SOURCE."""
+        self.version += 1
         self._by_name = None
         self._list = None
         for build in self._builds:
@@ -109,15 +117,32 @@ class TopLevel:
 
     def _relist(self, name: bytes) -> None:
         assert self._by_name is not None
+        assert self._list is not None
         try:
             st, incarnation = identify(self.root_fd, name)
         except FileNotFoundError:
-            if self._by_name.pop(name, None) is not None:
-                self._list = None
+            old = self._by_name.pop(name, None)
+            if old is not None:
+                del self._list[self._place(old)]
+                self.version += 1
             return
         except OSError:
             self.drop()  # cannot tell: list it all again when asked
             return
         self.updated += 1
-        self._by_name[name] = make_entry(name, st, incarnation, self.timeout)
-        self._list = None
+        self.version += 1
+        entry = make_entry(name, st, incarnation, self.timeout)
+        old = self._by_name.get(name)
+        self._by_name[name] = entry
+        if old is not None:
+            self._list[self._place(old)] = entry
+        else:
+            bisect.insort_right(self._list, entry, key=entry_cookie)
+
+    def _place(self, entry: Entry) -> int:
+        """The index of *entry* (which is kept) in the list."""
+        assert self._list is not None
+        index = bisect.bisect_left(self._list, cookie(entry[0]), key=entry_cookie)
+        while self._list[index] is not entry:  # another name with the same cookie
+            index += 1
+        return index

@@ -16,7 +16,7 @@ import pyfuse3
 import pytest
 import trio
 
-from noatimefs import listing, policy
+from noatimefs import listing, policy, replyflags
 from noatimefs.fs import STATUS_XATTR, NoatimeFS
 from noatimefs.inodes import ROOT_ID
 from noatimefs.source import Source
@@ -221,12 +221,14 @@ def readdir(
     """opendir, readdir until the end (*per_call* entries per reply), releasedir."""
     got: list[Listed] = []
     room = [0]
+    offset = [0]  # the next_id of the last entry taken, as the kernel passes it back
 
     def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
         if room[0] == 0:
             return False
         room[0] -= 1
         got.append(Listed(name, attr.st_ino, attr.st_uid, attr.st_mode, attr.st_size))
+        offset[0] = next_id
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
@@ -235,7 +237,7 @@ def readdir(
         while True:
             before = len(got)
             room[0] = per_call
-            run(ops.readdir, fh, before, None)
+            run(ops.readdir, fh, offset[0], None)
             if len(got) == before:
                 return got
     finally:
@@ -350,3 +352,26 @@ def test_the_top_level_listing_is_kept_and_follows_source(
         ops.stop_watch()
     assert mounted() == source()
     assert ops.top.listed == 2  # without a watch nothing is kept
+
+
+def test_without_the_c_module_listings_still_work_and_stop_asking_the_kernel(
+    ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process nothing carries the flag bits (no libfuse reply): they come back in
+    the handle, as they would if noatimefs._replyflags were loaded too late."""
+    ops.kernel_listings = True
+    pkg = lookup(ops, "pkg").st_ino
+    fh = run(ops.opendir, pkg, Ctx())
+    assert replyflags.inactive(fh)
+    run(ops.releasedir, fh)
+    assert not ops.dirs
+    assert {e.name for e in readdir(ops, pkg, monkeypatch)} == {
+        b"bin",
+        b"data",
+        b"hardlink",
+        b"link",
+    }
+    assert ops.kernel_listings is False
+    fh = run(ops.opendir, pkg, Ctx())
+    assert not replyflags.inactive(fh)  # no longer asked for
+    run(ops.releasedir, fh)

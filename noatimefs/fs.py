@@ -136,6 +136,10 @@ class _DirHandle:
     root_st: os.stat_result | None = None  # SOURCE's root when that listing was made
 
 
+#: How many store paths looked up cold are remembered until the caller goes into one.
+_COLD_PATHS_MAX = 4096
+
+
 class NoatimeFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -178,6 +182,7 @@ class NoatimeFS(pyfuse3.Operations):
         self.walk_ahead = WalkAhead(source.root_fd)
         self._read_ahead_at: dict[Identity, float] = {}  # directory -> when
         self._data_walked = b""  # the store path last named to walk ahead with its data
+        self._cold_paths: dict[bytes, None] = {}  # store paths looked up cold, not yet entered
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
@@ -283,8 +288,19 @@ class NoatimeFS(pyfuse3.Operations):
             st, inc = self._identify_child(parent, name)
         node = self.inodes.remember(parent, name, st, inc)
         if cold and stat.S_ISDIR(st.st_mode):
-            self.walk_ahead.want(name, onward=False)
+            self._cold_paths[name] = None
+            if len(self._cold_paths) > _COLD_PATHS_MAX:
+                del self._cold_paths[next(iter(self._cold_paths))]
+        elif self._enters_cold_path(parent):
+            # Walk it ahead now, not at the store path's own lookup: a caller that only
+            # stats store paths would wait for the helper's disk reads, never needed.
+            self.walk_ahead.want(parent.name, onward=False)
         return self._entry(node, st)
+
+    def _enters_cold_path(self, parent: Node) -> bool:
+        """A lookup in *parent*: is it the first into a store path that was looked up cold?"""
+        in_store_path = parent.parent is not None and parent.parent.parent is None
+        return in_store_path and self._cold_paths.pop(parent.name, False) is None
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for node_id, nlookup in inode_list:

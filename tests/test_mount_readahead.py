@@ -146,7 +146,7 @@ def test_listing_a_store_path_walks_it_and_the_next_ones_ahead() -> None:
         assert not any(h.is_running() for h in helpers)  # ended with the daemon
 
 
-def test_a_cold_lookup_of_a_store_path_walks_that_path_ahead() -> None:
+def test_a_cold_store_path_is_walked_ahead_when_a_caller_goes_into_it() -> None:
     with util.world_tmpdir("noatimefs-walkahead-") as work:
         src = work / "src"
         for i in range(3):
@@ -160,6 +160,9 @@ def test_a_cold_lookup_of_a_store_path_walks_that_path_ahead() -> None:
                 os.sync()
                 with open("/proc/sys/vm/drop_caches", "w") as f:
                     f.write("2\n")  # SOURCE's dentries and inodes: a cold store
+                for i in range(3):
+                    os.stat(m.path / f"{i:04d}-pkg-1.0")  # a caller that only stats
+                assert m.status()["walk_ahead_named"] == 0
                 assert (m.path / pkg.name / "lib" / "f").read_bytes() == b"x"
                 assert _opened(inotify, wds, {pkg / "bin"}, seconds=20) == {pkg / "bin"}
             finally:

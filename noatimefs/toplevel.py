@@ -39,7 +39,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from noatimefs.listing import Entry, cookie, entry_cookie, in_cookie_order, make_entry
+from noatimefs.listing import Entry, cookie, entry_cookie, make_entry
 from noatimefs.source import identify
 
 
@@ -87,14 +87,15 @@ class TopLevel:
         return build
 
     def install(self, build: Build, entries: list[Entry]) -> list[Entry]:
-        """Keep *entries*, listed since :meth:`begin` gave *build*; the list to serve."""
+        """Keep *entries* (in cookie order, as ``list_dir`` gives them), listed since
+        :meth:`begin` gave *build*; the list to serve."""
         self._builds.remove(build)
         if build.spoiled:
             return entries
         self.listed += 1
         self.version += 1
         self._by_name = {entry[0]: entry for entry in entries}
-        self._list = in_cookie_order(entries)
+        self._list = entries
         self._expires = time.monotonic() + self.timeout
         for name in build.names:
             self._relist(name)

@@ -1,8 +1,9 @@
 """Directory listings the daemon may serve again without asking SOURCE.
 
-pyfuse3 cannot let the kernel cache directory listings, so every ``ls`` or
-``find`` of a directory costs opendir, readdir and releasedir in the daemon.
-Below SOURCE's top level a store does not change, so a listing (names and
+The kernel keeps its own copy of a listing (:mod:`noatimefs.kernelcache`), but
+it drops it under memory pressure, at ``drop_caches``, when it forgets the
+directory, and whenever SOURCE changed; the daemon then lists again. Below
+SOURCE's top level a store does not change, so a listing (names and
 ``lstat`` results) is kept for the same time the kernel may keep entries and
 attributes (``--timeout``), in a cache bounded by its total number of entries.
 

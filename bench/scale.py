@@ -64,6 +64,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))  # also when loaded by a test from its file
+
+from run import drops  # noqa: E402  (bench/run.py, beside this script)
 
 from noatimefs import storegen  # noqa: E402
 
@@ -79,16 +82,6 @@ Status = Callable[[], dict[str, Any]]
 def tree_args(entries: int) -> dict[str, int]:
     """The storegen arguments of the walk's tree (metadata only: empty files)."""
     return {"entries": entries, "files_per_path": 12, "max_file_size": 0, "seed": 0}
-
-
-def vmstat_drops() -> int:
-    """How many times anyone wrote to drop_caches since boot (``drop_slab`` in /proc/vmstat)."""
-    with open("/proc/vmstat") as f:
-        for line in f:
-            key, _, value = line.partition(" ")
-            if key == "drop_slab":
-                return int(value)
-    return 0
 
 
 def drop_caches(level: int) -> None:
@@ -234,21 +227,21 @@ def walk_and_forget(
     drop_caches(2)  # start from a kernel that remembers nothing of this mount
     wait_for_forgets(status, floor=1)
     start = snapshot(status)
-    drops0 = vmstat_drops()
+    drops0 = drops()
     with PeakSampler(status) as sampler:
         entries, walk_seconds = find_count(mnt)
     walked = snapshot(status)
     walked_peak = sampler.peak if sampler.peak["inodes"] > walked["inodes"] else walked
-    foreign = vmstat_drops() - drops0
+    foreign = drops() - drops0
     drop_caches(2)
     forget_seconds = wait_for_forgets(status, floor=start["inodes"])
     forgotten = snapshot(status)
     rewalked = None
     if rewalk:
-        drops0 = vmstat_drops()
+        drops0 = drops()
         find_count(mnt)
         rewalked = snapshot(status)
-        foreign += vmstat_drops() - drops0
+        foreign += drops() - drops0
         drop_caches(2)
         wait_for_forgets(status, floor=start["inodes"])
     return WalkResult(

@@ -5,12 +5,12 @@ served many times (:mod:`noatimefs.dircache`, :mod:`noatimefs.toplevel`), to
 callers the daemon presents entries to differently. So a kept entry holds only
 facts of SOURCE, independent of who asks (:data:`Entry`):
 
-``(name, key, mode, uid, gid, attr)``
+``(name, key, mode, uid, gid, attr, cookie)``
     the name; the backing identity ``(st_dev, st_ino, incarnation)``
     (:mod:`noatimefs.inodes`); the *real*
-    ``st_mode``, ``st_uid`` and ``st_gid``; and one ``pyfuse3.EntryAttributes``
+    ``st_mode``, ``st_uid`` and ``st_gid``; one ``pyfuse3.EntryAttributes``
     holding every other field readdir sends (size, link count, times, block
-    counts, timeouts).
+    counts, timeouts); and the name's cookie (below), computed once.
 
 :func:`reply` presents them per request: right before each
 ``pyfuse3.readdir_reply`` it sets the node id, the generation and the
@@ -23,8 +23,9 @@ listings can be shared by callers presented differently.
 Offsets
 -------
 A readdir offset (the kernel's ``d_off``, "where to go on from") is not an
-index but :func:`cookie`, a 63-bit hash of the entry's name, and every listing
-is in cookie order (:func:`in_cookie_order`). So an offset means the same in
+index but the cookie of the entry's name, a keyed 63-bit hash
+(:func:`noatimefs.order.cookie`, which the walk-ahead helper orders by too), and
+every listing is in cookie order (:func:`in_cookie_order`). So an offset means the same in
 every listing of a directory, as a hashed directory's offsets do on ext4: a
 handle can go on from an offset in a newer listing, where names added or
 removed meanwhile may or may not show but no other name is skipped or repeated.
@@ -42,6 +43,7 @@ when it was filled from more than one listing.
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 from collections.abc import Callable
 
@@ -49,16 +51,19 @@ import pyfuse3
 
 from noatimefs import policy
 from noatimefs.inodes import Identity, InodeTable, Node, identity
+from noatimefs.order import cookie
 from noatimefs.source import identify
 
-#: A kept listing entry: (name, identity, real mode, real uid, real gid, the other attributes).
-Entry = tuple[bytes, Identity, int, int, int, pyfuse3.EntryAttributes]
+#: A kept listing entry: (name, identity, real mode, real uid, real gid, the other
+#: attributes, the name's cookie).
+Entry = tuple[bytes, Identity, int, int, int, pyfuse3.EntryAttributes, int]
 
 
 def make_entry(name: bytes, st: os.stat_result, incarnation: bytes | None, timeout: float) -> Entry:
     """The kept facts of *name*, ``lstat``-ed as *st*."""
     attr = attributes(st, timeout)
-    return (name, identity(st, incarnation), st.st_mode, st.st_uid, st.st_gid, attr)
+    key = identity(st, incarnation)
+    return (name, key, st.st_mode, st.st_uid, st.st_gid, attr, cookie(name))
 
 
 def attributes(st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
@@ -77,16 +82,8 @@ def attributes(st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
     return attr
 
 
-_COOKIE_MASK = (1 << 63) - 1  # offsets are positive loff_t; 0 is the start
-
-
-def cookie(name: bytes) -> int:
-    """The readdir offset that goes on after the entry *name* (the same all the daemon's life)."""
-    return hash(name) & _COOKIE_MASK or 1
-
-
-def entry_cookie(entry: Entry) -> int:
-    return cookie(entry[0])
+#: An entry's cookie: the readdir offset that goes on after it.
+entry_cookie: Callable[[Entry], int] = operator.itemgetter(6)
 
 
 def in_cookie_order(entries: list[Entry]) -> list[Entry]:
@@ -138,11 +135,11 @@ def reply(
     """
     sent = 0
     for index in range(after(entries, start), len(entries)):
-        name, key, mode, uid, gid, attr = entries[index]
+        name, key, mode, uid, gid, attr, offset = entries[index]
         ctime_ns = attr.st_ctime_ns
         attr.st_ino, attr.generation = inodes.peek(key, mode, ctime_ns, parent.view.tag)
         attr.st_uid, attr.st_gid, attr.st_mode = present(mode, uid, gid, consumer)
-        if not pyfuse3.readdir_reply(token, name, attr, cookie(name)):
+        if not pyfuse3.readdir_reply(token, name, attr, offset):
             break  # not sent: the table must not learn of it
         inodes.remember_key(parent, name, key, mode, ctime_ns)
         sent += 1

@@ -39,7 +39,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from noatimefs.listing import Entry, cookie, entry_cookie, make_entry
+from noatimefs.listing import Entry, entry_cookie, make_entry
 from noatimefs.source import identify
 
 
@@ -143,7 +143,7 @@ class TopLevel:
     def _place(self, entry: Entry) -> int:
         """The index of *entry* (which is kept) in the list."""
         assert self._list is not None
-        index = bisect.bisect_left(self._list, cookie(entry[0]), key=entry_cookie)
+        index = bisect.bisect_left(self._list, entry_cookie(entry), key=entry_cookie)
         while self._list[index] is not entry:  # another name with the same cookie
             index += 1
         return index

@@ -8,9 +8,11 @@ while the loop serves one directory, nothing asks the disk for the next.
 
 When the daemon lists a store path (a directory at SOURCE's top level) that
 its listing cache did not hold, it names it to a :class:`WalkAhead`, whose
-helper process walks that path's tree, and then the store paths after it in
-SOURCE's listing order, reading each directory and ``lstat``-ing each entry,
-up to :data:`AHEAD` entries past the named path. By the time the walker asks
+helper process walks that path's tree, and then the store paths after it,
+reading each directory and ``lstat``-ing each entry, up to :data:`AHEAD`
+entries past the named path. It walks in the order the daemon serves
+listings, and so a walk of the mount visits them (:mod:`noatimefs.order`: by
+cookie, with the daemon's key), not in SOURCE's own order. By the time the walker asks
 for them, the daemon finds the blocks and inodes in memory. A new name starts
 the helper over from there, so it follows a walker that skips ahead.
 
@@ -60,6 +62,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from noatimefs import order
 from noatimefs.readahead import MAX_FILE, will_need
 from noatimefs.source import O_PATH, openat2
 
@@ -97,8 +100,8 @@ class WalkAhead:
 
     def want(self, name: bytes, onward: bool = True, data: bool = False) -> None:
         """Walk the store path *name* (an entry of SOURCE's top level), and, *onward*,
-        the store paths after it in SOURCE's listing order; *data*: read their small
-        files ahead too, from now on for a while."""
+        the store paths served after it; *data*: read their small files ahead too,
+        from now on for a while."""
         if self._helper is None and not self._start():
             self.dropped += 1
             return
@@ -131,6 +134,7 @@ class WalkAhead:
                 stdout=subprocess.DEVNULL,
                 pass_fds=(self.root_fd,),
                 close_fds=True,
+                env=order.environment(),  # the daemon's order
             )
         except OSError as exc:
             log.warning("cannot start the walk-ahead helper (%s): walks are not helped", exc)
@@ -188,13 +192,13 @@ class Walker:
         return openat2(dir_fd, name, flags)
 
     def top_level(self) -> list[bytes]:
-        """SOURCE's top-level names in listing order (kept :data:`TOP_LEVEL_KEEP` seconds)."""
+        """SOURCE's top-level names in served order (kept :data:`TOP_LEVEL_KEEP` seconds)."""
         now = time.monotonic()
         if now - self._top_at > TOP_LEVEL_KEEP:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
             try:
                 with os.scandir(fd) as it:
-                    self._top = [os.fsencode(entry.name) for entry in it]
+                    self._top = order.ordered([os.fsencode(entry.name) for entry in it])
             finally:
                 os.close(fd)
             self._top_index = {name: i for i, name in enumerate(self._top)}
@@ -242,7 +246,7 @@ class Walker:
         return count
 
     def _walk_open(self, fd: int, budget: int, depth: int, data: bool) -> int:
-        subdirs = []
+        subdirs: list[bytes] = []
         try:
             with os.scandir(fd) as it:
                 for entry in it:
@@ -252,7 +256,7 @@ class Walker:
                     self.listed += 1
                     with contextlib.suppress(OSError):
                         if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.name)
+                            subdirs.append(os.fsencode(entry.name))
                             continue
                         st = entry.stat(follow_symlinks=False)  # the inode: readdirplus needs it
                         size = st.st_size
@@ -260,11 +264,11 @@ class Walker:
                         if data and small and stat.S_ISREG(st.st_mode):
                             self.data_left -= size
                             self._read_file_ahead(fd, os.fsencode(entry.name))
-            for sub in subdirs:
+            for sub in order.ordered(subdirs):  # as a walk of the mount goes into them
                 if budget <= 0 or depth <= 0:
                     break
                 try:
-                    child = self._open_dir(os.fsencode(sub), fd)
+                    child = self._open_dir(sub, fd)
                     budget = self._walk_open(child, budget, depth - 1, data)
                 except OSError:
                     continue  # unreadable or gone: only a guess was lost
@@ -333,6 +337,7 @@ def serve(walker: Walker, pipe: int) -> None:
 
 def main(argv: list[str]) -> int:
     root_fd = int(argv[1])
+    order.use_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon ends it, by closing the pipe
     with contextlib.suppress(OSError):
         os.nice(_NICE)

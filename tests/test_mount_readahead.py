@@ -126,10 +126,10 @@ def test_listing_a_store_path_walks_it_and_the_next_ones_ahead() -> None:
         for i in range(4):
             (src / f"{i:04d}-pkg-1.0" / "lib" / "deep").mkdir(parents=True)
             (src / f"{i:04d}-pkg-1.0" / "lib" / "deep" / "f").write_bytes(b"x")
-        order = [src / name for name in os.listdir(src)]  # SOURCE's listing order
-        first, after = order[1], order[2:]  # order[0], listed before first, is not walked
-        deep = [p / "lib" / "deep" for p in order]
         with util.mounted(work / "src") as m:
+            order = [src / name for name in os.listdir(m.path)]  # as a walk of the mount goes
+            first, after = order[1], order[2:]  # order[0], listed before first, is not walked
+            deep = [p / "lib" / "deep" for p in order]
             inotify, wds = _watch_opens(deep)
             try:
                 assert os.listdir(m.path / first.name) == ["lib"]  # no caller went deeper
@@ -177,9 +177,9 @@ def test_a_cold_read_reads_the_small_files_of_its_store_path_and_the_next_ones_a
             for sub in ("lib", "share"):
                 (src / f"{i:04d}-pkg-1.0" / sub).mkdir(parents=True)
                 (src / f"{i:04d}-pkg-1.0" / sub / "f").write_bytes(os.urandom(64 << 10))
-        order = [src / name for name in os.listdir(src)]  # SOURCE's listing order
-        first, after = order[1], order[2:]  # order[0], listed before first, is not read
         with util.mounted(work / "src") as m:
+            order = [src / name for name in os.listdir(m.path)]  # as a walk of the mount goes
+            first, after = order[1], order[2:]  # order[0], listed before first, is not read
             files = [p / sub / "f" for p in order for sub in ("lib", "share")]
             for f in files:
                 _evict(f)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import NamedTuple
 
 import pytest
 
-from noatimefs import readahead, walkahead
+from noatimefs import listing, order, readahead, walkahead
 from noatimefs.source import Source
 from noatimefs.walkahead import WalkAhead, Walker
 
@@ -18,7 +20,7 @@ from noatimefs.walkahead import WalkAhead, Walker
 class Store(NamedTuple):
     src: Path
     fd: int  # SOURCE's root, open
-    order: list[bytes]  # SOURCE's top-level names, in listing order
+    order: list[bytes]  # SOURCE's top-level names, in the order the daemon serves them
 
 
 @pytest.fixture
@@ -34,18 +36,34 @@ def store(tmp_path: Path) -> Iterator[Store]:
         (p / "bin" / "x").write_bytes(b"x")
         (p / "link").symlink_to("lib")
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    yield Store(src, fd, [os.fsencode(n) for n in os.listdir(src)])
+    yield Store(src, fd, order.ordered([os.fsencode(n) for n in os.listdir(src)]))
     os.close(fd)
 
 
-def test_plan_is_the_named_path_then_those_after_it_in_listing_order(
-    store: Store,
-) -> None:
-    order = store.order
+def test_plan_is_the_named_path_then_those_served_after_it(store: Store) -> None:
+    served = [entry[0] for entry in listing.list_dir(store.fd, 300.0)]
+    assert served == store.order
     walker = Walker(store.fd)
-    assert list(walker.plan(order[2])) == order[2:]
+    assert list(walker.plan(served[2])) == served[2:]
     assert list(walker.plan(b"new-since")) == [b"new-since"]
-    assert list(walker.plan(b"/" + order[2])) == [order[2]]  # want(name, onward=False)
+    assert list(walker.plan(b"/" + served[2])) == [served[2]]  # want(name, onward=False)
+
+
+def test_the_helper_orders_as_the_daemon_that_starts_it() -> None:
+    """The key goes to the helper in its environment; a fresh interpreter draws another."""
+    names = [os.fsencode(f"{i:02d}-pkg") for i in range(40)]
+    ours = order.ordered(list(names))
+    script = (
+        "import sys; from noatimefs import order; order.use_environment(); "
+        "names = [n.encode() for n in sys.argv[1:]]; "
+        "print(' '.join(n.decode() for n in order.ordered(names)))"
+    )
+    argv = [sys.executable, "-c", script, *map(os.fsdecode, names)]
+    helper = subprocess.run(argv, env=order.environment(), capture_output=True, check=True)
+    assert helper.stdout.split() == ours
+    env = {k: v for k, v in os.environ.items() if k != order.KEY_VARIABLE}
+    other = subprocess.run(argv, env=env, capture_output=True, check=True)
+    assert other.stdout.split() != ours  # 40! orders: equal only by a broken key
 
 
 def test_walk_lists_a_store_path_whole_once(store: Store) -> None:

@@ -11,6 +11,7 @@ names the one command that clears it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -35,6 +36,13 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Readahead the daemon gives its mount, in KiB (see _raise_readahead).
 READAHEAD_KB = 1024
+
+#: The cyclic garbage collector's thresholds while the daemon serves (Python's: 700, 10, 10).
+#: A walk leaves several objects per entry that live on (a node, a kept entry and its
+#: attributes), and at 700 allocations per young collection the collector ran about 500
+#: times in one cold ``find`` of 87,000 entries, 0.27 s of the daemon's CPU; at these,
+#: 3 times, 0.07 s (bench/README.md). The daemon makes little cyclic garbage.
+GC_THRESHOLDS = (100_000, 20, 20)
 
 
 @dataclass
@@ -163,6 +171,7 @@ def _raise_readahead(real_mountpoint: str) -> None:
 def run(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount, serve, unmount; the exit status of the daemon."""
     _raise_nofile_limit()
+    gc.set_threshold(*GC_THRESHOLDS)
     source = Source(config.source)
     # A signal between the mount and trio's handlers would otherwise kill the
     # daemon with the mount left dead: hold them until _stop_on_signal. One the

@@ -69,7 +69,7 @@ from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
-from noatimefs.source import O_PATH, Source, identify, incarnation, proc_path
+from noatimefs.source import COLD, O_PATH, Source, identify, identify_open, incarnation, proc_path
 from noatimefs.stats import Stats
 from noatimefs.toplevel import TopLevel
 from noatimefs.views import Allow, View, parse_uid
@@ -282,10 +282,16 @@ class NoatimeFS(pyfuse3.Operations):
         if parent_inode == ROOT_ID and self.per_user is not None:
             return self._lookup_in_user_root(name, ctx)
         parent = self._node(parent_inode)
-        # A store path SOURCE no longer holds in memory: what follows it will be cold too.
-        cold = parent.parent is None and not self.source.in_memory(name)
+        cold = False
         with _errors():
-            st, inc = self._identify_child(parent, name)
+            if parent.parent is None:
+                # A store path SOURCE no longer holds in memory: what follows it will be
+                # cold too. One held is identified through the descriptor that told so.
+                fd = self.source.open_cached(name)
+                cold = fd == COLD
+                st, inc = identify_open(fd) if fd >= 0 else identify(self.source.root_fd, name)
+            else:
+                st, inc = self._identify_child(parent, name)
         node = self.inodes.remember(parent, name, st, inc)
         if cold and stat.S_ISDIR(st.st_mode):
             self._cold_paths[name] = None

@@ -25,6 +25,7 @@ RESOLVE_CACHED = 0x20  # Linux 5.12
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 _EAGAIN_RETRIES = 3
+COLD = -errno.EAGAIN  # open_cached: resolving it would read the disk
 #: Paths at least this long are resolved in pieces: one openat2 takes at most PATH_MAX (4096).
 _CHUNK = 3072
 
@@ -54,16 +55,21 @@ _HOW_SIZE = ctypes.sizeof(_OpenHow)
 _hows: dict[tuple[int, int], _OpenHow] = {}
 
 
-def openat2(dirfd: int, path: bytes, flags: int, resolve: int = _RESOLVE) -> int:
-    """``openat2(2)``; raises ``OSError`` like ``os.open``."""
+def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    """``openat2(2)``: the descriptor, or minus the error number (no exception raised)."""
     how = _hows.get((flags, resolve))
     if how is None:
         how = _hows.setdefault((flags, resolve), _OpenHow(flags | os.O_CLOEXEC, 0, resolve))
     fd = _openat2_syscall(_SYS_OPENAT2, dirfd, path, ctypes.addressof(how), _HOW_SIZE)
+    return int(fd) if fd >= 0 else -ctypes.get_errno()
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int = _RESOLVE) -> int:
+    """``openat2(2)``; raises ``OSError`` like ``os.open``."""
+    fd = _openat2(dirfd, path, flags, resolve)
     if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(path))
-    return int(fd)
+        raise OSError(-fd, os.strerror(-fd), os.fsdecode(path))
+    return fd
 
 
 class Source:
@@ -114,18 +120,24 @@ class Source:
 
         (``RESOLVE_CACHED``; a kernel older than 5.12 cannot tell, and True is answered.)
         """
+        fd = self.open_cached(relpath)
+        if fd >= 0:
+            os.close(fd)
+        return fd != COLD
+
+    def open_cached(self, relpath: bytes) -> int:
+        """An ``O_PATH | O_NOFOLLOW`` descriptor on *relpath* if it resolves from the
+        kernel's caches alone; else a negative number: :data:`COLD` when resolving it
+        would read the disk, another when that cannot be told or it does not resolve.
+
+        No exception is made on the way: a cold lookup of a store path asks this first.
+        """
         if not self._can_ask_cached:
-            return True
-        try:
-            fd = openat2(self.root_fd, relpath, O_PATH | os.O_NOFOLLOW, _RESOLVE | RESOLVE_CACHED)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                self._can_ask_cached = False
-            return True
-        os.close(fd)
-        return True
+            return -errno.EINVAL
+        fd = _openat2(self.root_fd, relpath, O_PATH | os.O_NOFOLLOW, _RESOLVE | RESOLVE_CACHED)
+        if fd == -errno.EINVAL:
+            self._can_ask_cached = False  # a kernel older than 5.12
+        return fd
 
     @staticmethod
     def _open_at(dirfd: int, relpath: bytes, flags: int) -> int:
@@ -221,7 +233,11 @@ def identify(dirfd: int, name: bytes) -> tuple[os.stat_result, bytes | None]:
     ``lstat`` and a handle taken by name would pair one file's attributes with
     another's incarnation). *name* is one path component, as FUSE sends it.
     """
-    fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    return identify_open(os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd))
+
+
+def identify_open(fd: int) -> tuple[os.stat_result, bytes | None]:
+    """:func:`identify` of the file *fd* is open on (``O_PATH`` will do); closes *fd*."""
     try:
         return os.fstat(fd), incarnation(fd)
     finally:

@@ -182,6 +182,13 @@ def _reuse_number(d: Path, old: str, new: str) -> bool:
     return (d / new).stat().st_ino == ino
 
 
+def _identify_without_handle(fd: int) -> tuple[os.stat_result, None]:
+    try:
+        return os.fstat(fd), None
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("handles", [True, False], ids=["handles", "no-handles"])
 def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handles: bool
@@ -193,6 +200,7 @@ def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
             "identify",
             lambda dirfd, name: (os.stat(name, dir_fd=dirfd, follow_symlinks=False), None),
         )
+        monkeypatch.setattr(fsmod, "identify_open", _identify_without_handle)
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "a").write_bytes(b"old")

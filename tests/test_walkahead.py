@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from noatimefs import listing, order, readahead, walkahead
-from noatimefs.source import Source
+from noatimefs.source import COLD, Source, identify, identify_open
 from noatimefs.walkahead import WalkAhead, Walker
 
 
@@ -200,5 +201,11 @@ def test_source_tells_a_name_it_must_look_up_on_disk(tmp_path: Path) -> None:
         assert not source.in_memory(b"never-looked-up")  # no dentry: the lookup reads the disk
         assert not (tmp_path / "never-looked-up").exists()  # leaves a negative dentry
         assert source.in_memory(b"never-looked-up")
+        # What a lookup at the top level uses: the probe's own descriptor, when it has one.
+        fd = source.open_cached(b"seen")
+        assert fd >= 0
+        assert identify_open(fd) == identify(source.root_fd, b"seen")
+        assert source.open_cached(b"also-never-looked-up") == COLD
+        assert source.open_cached(b"never-looked-up") == -errno.ENOENT
     finally:
         source.close()

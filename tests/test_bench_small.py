@@ -248,3 +248,29 @@ def test_bench_small_shapes_outputs_match_native(scratch: Path, args: list[str])
     if "--big-top" in args:
         assert data["summary"]["paths"] == 2000
         assert data["summary"]["dirs"] < 2000  # one directory per path, some paths a file
+
+
+@pytest.mark.mount
+def test_coldwalk_walks_fresh_daemons_of_two_checkouts(scratch: Path) -> None:
+    """bench/coldwalk.py: an A/B of cold walks, one fresh daemon per walk, nothing left."""
+    _require_fuse()
+    tree = storegen.generate(scratch / "tree", paths=20, files_per_path=5, big_files=0)
+    result = scratch / "walks.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "coldwalk.py"),
+        str(scratch / "tree"),
+        f"--base={REPO}",
+        "--reps=1",
+        "--printf",
+        f"--json={result}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(result.read_text())
+    assert [run["mode"] for run in runs] == ["noatimefs", "noatimefs-base"]
+    assert {run["lines"] for run in runs} == {tree.entries + 1}  # and the root
+    assert all(run["daemon_read_mib"] >= 0 and run["seconds"] > 0 for run in runs)
+    assert "| noatimefs-base |" in done.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert "noatimefs-coldwalk" not in f.read()

@@ -13,8 +13,11 @@ reading each directory and ``lstat``-ing each entry, up to :data:`AHEAD`
 entries past the named path. It walks in the order the daemon serves
 listings, and so a walk of the mount visits them (:mod:`noatimefs.order`: by
 cookie, with the daemon's key), not in SOURCE's own order. By the time the walker asks
-for them, the daemon finds the blocks and inodes in memory. A new name starts
-the helper over from there, so it follows a walker that skips ahead.
+for them, the daemon finds the blocks and inodes in memory. A new name the
+helper has not walked yet starts it over from there, so it follows a walker
+that skips ahead; one it has walked already (the walker is behind it, as it
+should be) lets it go on from where it is, topped up to :data:`AHEAD` entries
+past that name (:meth:`Walker.named`).
 
 A caller that opens files by path (a VM booting, ``open`` after ``open``) lists
 nothing; it looks names up. When the daemon is asked to look up a store path
@@ -51,6 +54,7 @@ the pipe is full are dropped: walking ahead is a hint.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
@@ -60,7 +64,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 from noatimefs import order
 from noatimefs.readahead import MAX_FILE, will_need
@@ -172,6 +175,14 @@ class Walker:
         self._top_index: dict[bytes, int] = {}
         self._top_at = -TOP_LEVEL_KEEP
         self._walked: dict[bytes, tuple[float, int, bool]] = {}  # name -> (when, entries, data)
+        # The run: the top-level paths walked one after the other from index _run_first.
+        # _ahead[k]: the entries walked from there up to (not with) the path at _run_first + k;
+        # the next path to walk is at _run_first + len(_ahead) - 1.
+        self._run_first = 0
+        self._ahead = array.array("q", [0])
+        self._alone: bytes | None = None  # a path to walk alone (named ``/NAME``, or not listed)
+        self._running = False  # whether the run goes on for the newest name
+        self.cut = False  # the last walk stopped at its budget
         self._data_until = -1.0  # read small files ahead until then (monotonic)
         self.data_left = 0  # bytes still to read ahead for the newest name
         self.listed = 0  # entries listed, over all walks
@@ -180,6 +191,7 @@ class Walker:
     def read_data(self, seconds: float = TOP_LEVEL_KEEP) -> None:
         """From now on for *seconds*, walks read each small regular file ahead too."""
         self._data_until = time.monotonic() + seconds
+        self._new_run(0)  # what the run walked, it walked without the data
 
     def _open_dir(self, name: bytes, dir_fd: int) -> int:
         """Open the directory *name* in *dir_fd*: beneath it, through no symlink."""
@@ -205,20 +217,49 @@ class Walker:
             self._top_at = now
         return self._top
 
-    def plan(self, name: bytes) -> Iterator[bytes]:
-        """*name*, then the top-level names listed after it; ``/NAME``: NAME alone."""
+    def named(self, name: bytes) -> int:
+        """The daemon's newest name: how many entries to walk for it now.
+
+        ``/NAME``: NAME alone. A top-level name walks it and the paths after it,
+        :data:`AHEAD` entries in all. When the name is one the run has already
+        walked (the caller is behind the helper), the run goes on from where it
+        is, topped up to :data:`AHEAD` entries past the name: starting it over
+        would step again through every path walked since, for each name the
+        daemon sends (a walk of a top level of 10⁵ small paths names each one).
+        """
+        self._alone, self._running = None, False
         if name[:1] == b"/":
-            yield name[1:]
-            return
-        top = self.top_level()
-        start = self._top_index.get(name)
-        if start is None:
-            yield name  # new since the top level was listed
-            return
-        # Not top[start:] (nor islice): O(top level) per name named, quadratic in a walk
-        # of a top level of 10⁵ paths; only what is walked is touched.
-        for index in range(start, len(top)):
-            yield top[index]
+            self._alone = name[1:]
+            return AHEAD
+        listed_at = self._top_at
+        self.top_level()
+        index = self._top_index.get(name)
+        if index is None:
+            self._alone = name  # new since the top level was listed
+            return AHEAD
+        self._running = True
+        walked = index - self._run_first
+        if self._top_at == listed_at and 0 <= walked < len(self._ahead):
+            return AHEAD - (self._ahead[-1] - self._ahead[walked])
+        self._new_run(index)
+        return AHEAD
+
+    def _new_run(self, index: int) -> None:
+        self._run_first = index
+        self._ahead = array.array("q", [0])
+
+    def step(self, budget: int) -> int | None:
+        """Walk the next store path, at most *budget* entries: how many; None when none is left."""
+        if self._alone is not None:
+            name, self._alone = self._alone, None
+            return self.walk(name, budget)
+        index = self._run_first + len(self._ahead) - 1
+        if not self._running or index >= len(self._top):
+            return None
+        count = self.walk(self._top[index], budget)
+        if not self.cut:  # a cut path is walked again, whole, by the next step
+            self._ahead.append(self._ahead[-1] + count)
+        return count
 
     def walk(self, name: bytes, budget: int) -> int:
         """Warm the tree of the top-level entry *name*, at most *budget* entries; how many.
@@ -229,6 +270,7 @@ class Walker:
         now = time.monotonic()
         data = now < self._data_until
         done = self._walked.get(name)
+        self.cut = False
         if done is not None and now - done[0] < TOP_LEVEL_KEEP and (done[2] or not data):
             return done[1]
         try:
@@ -239,6 +281,7 @@ class Walker:
             left = self._walk_open(fd, budget, MAX_DEPTH, data)
             count = budget - left
             if left <= 0:
+                self.cut = True
                 return count  # cut short: walked again from the start when named again
         if len(self._walked) >= 100_000:
             self._walked.clear()
@@ -308,7 +351,6 @@ def serve(walker: Walker, pipe: int) -> None:
     """The helper's loop: walk ahead from the newest name read on *pipe*, until it ends."""
     os.set_blocking(pipe, False)
     pending = b""
-    plan: Iterator[bytes] = iter(())
     budget = 0
     while True:
         # Between two store paths: a newer name, if any, starts the walk over from it.
@@ -322,14 +364,11 @@ def serve(walker: Walker, pipe: int) -> None:
                 walker.read_data()
                 names = [name for name in names if name != DATA]
             if names:
-                plan, budget = walker.plan(names[-1]), AHEAD
+                budget = walker.named(names[-1])
                 walker.data_left = DATA_AHEAD
             if budget > 0:
-                name = next(plan, None)
-                if name is None:
-                    budget = 0
-                else:
-                    budget -= walker.walk(name, budget)
+                walked = walker.step(budget)
+                budget = 0 if walked is None else budget - walked
         except OSError as exc:  # SOURCE's top level unreadable: wait for the next name
             log.debug("walk ahead stopped: %s", exc)
             budget = 0

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import pytest
 
@@ -41,13 +42,45 @@ def store(tmp_path: Path) -> Iterator[Store]:
     os.close(fd)
 
 
-def test_plan_is_the_named_path_then_those_served_after_it(store: Store) -> None:
+def _steps(walker: Walker, budget: int) -> list[bytes]:
+    """The paths *walker* walks for *budget* entries (as serve() steps it), in order."""
+    with mock.patch.object(walker, "walk", wraps=walker.walk) as walk:
+        while budget > 0:
+            count = walker.step(budget)
+            if count is None:
+                break
+            budget -= count
+        return [call.args[0] for call in walk.call_args_list]
+
+
+def test_a_name_walks_it_then_the_paths_served_after_it(store: Store) -> None:
     served = [entry[0] for entry in listing.list_dir(store.fd, 300.0)]
     assert served == store.order
     walker = Walker(store.fd)
-    assert list(walker.plan(served[2])) == served[2:]
-    assert list(walker.plan(b"new-since")) == [b"new-since"]
-    assert list(walker.plan(b"/" + served[2])) == [served[2]]  # want(name, onward=False)
+    assert _steps(walker, walker.named(served[2])) == served[2:]
+    walker = Walker(store.fd)
+    assert _steps(walker, walker.named(b"new-since")) == [b"new-since"]  # alone (and gone)
+    walker = Walker(store.fd)
+    assert _steps(walker, walker.named(b"/" + served[2])) == [served[2]]  # onward=False
+
+
+def test_a_name_the_helper_walked_already_goes_on_from_where_it_is(store: Store) -> None:
+    """A caller behind the helper: the run is topped up, not stepped through again."""
+    order = store.order
+    walker = Walker(store.fd)
+    assert _steps(walker, walker.named(order[0])) == order  # 30 entries, all within AHEAD
+    budget = walker.named(order[1])
+    assert budget == walkahead.AHEAD - 4 * 6  # order[1..4] are ahead of the caller already
+    assert walker.step(budget) is None  # nothing left, nothing walked again
+    assert walker.listed == 30
+    walker._walked.clear()  # (as if 30 s had passed)
+    assert _steps(walker, walker.named(b"/" + order[3])) == [order[3]]  # alone, run kept
+    assert walker.named(order[2]) == walkahead.AHEAD - 3 * 6
+    walker = Walker(store.fd)
+    walker.named(order[0])
+    assert _steps(walker, 6 + 3) == order[:2]  # the second path cut at its budget
+    assert walker.cut
+    assert _steps(walker, walker.named(order[0])) == order[1:]  # ... walked again, whole
 
 
 def test_the_helper_orders_as_the_daemon_that_starts_it() -> None:

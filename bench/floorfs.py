@@ -298,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--fast-loop", action="store_true", help="experiment: read queued requests without parking"
     )
+    p.add_argument(
+        "--noatimefs-loop",
+        action="store_true",
+        help="the request loop noatimefs runs (noatimefs/loop.py) instead of pyfuse3's",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -310,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options |= {"ro", "allow_other", "fsname=" + os.path.abspath(args.source), "subtype=floorfs"}
     pyfuse3.init(ops, args.mountpoint, options)
     log.info("mounted %s on %s", args.source, args.mountpoint)
+    if args.noatimefs_loop and not loop.install():
+        raise SystemExit("floorfs: noatimefs's request loop cannot be installed here")
     if args.fast_loop:
         fast_loop()
         args.max_tasks = 1

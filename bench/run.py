@@ -54,7 +54,14 @@ from noatimefs import storegen  # noqa: E402
 MODES = ("native", "noatimefs", "bindfs", "bindfs-tuned", "floor")
 # Experiments on the floor, run only when named in --modes: one pyfuse3 worker task;
 # one task and a request loop that does not park between queued requests.
-EXTRA_MODES = ("floor-t1", "floor-fast", "noatimefs-plain", "noatimefs-base", "noatimefs-view")
+EXTRA_MODES = (
+    "floor-t1",
+    "floor-fast",
+    "floor-loop",
+    "noatimefs-plain",
+    "noatimefs-base",
+    "noatimefs-view",
+)
 OPTIONAL_MODES = frozenset({"noatimefs"})  # skipped with a note if it does not mount
 WORKLOADS = ("find", "stat", "small_read", "big_seq", "big_par2", "open20k")
 #: The big top level's workloads (--big-top); ls, glob and lookup also run on the other tree.
@@ -179,6 +186,16 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
             sys.executable,
             str(HERE / "floorfs.py"),
             "--max-tasks=1",
+            "--owner",
+            uid,
+            source,
+            mnt,
+        ]
+    if mode == "floor-loop":  # the floor with noatimefs's request loop (noatimefs/loop.py)
+        return [
+            sys.executable,
+            str(HERE / "floorfs.py"),
+            "--noatimefs-loop",
             "--owner",
             uid,
             source,

@@ -13,7 +13,10 @@ SOURCE again. Without a watch (it could not be set up, or the daemon has not
 started it yet) or with ``--timeout 0`` nothing is kept: every readdir lists
 afresh. A kept listing also expires after ``--timeout`` seconds, as entries
 and attributes do in the kernel (a store path being built changes its own
-times and link count without an event at the top level).
+times and link count without an event at the top level). An expiry leaves
+:attr:`TopLevel.version` as it is: the names are still right (the watch ran),
+so the kernel's copy of them stays good, and the listing made next is of the
+same version.
 
 The daemon reads the watch's queue before it serves a kept listing (see
 ``NoatimeFS._top_events``), and the kernel queues an inotify event before the
@@ -58,7 +61,7 @@ class TopLevel:
         self.watching = False  # set by the daemon while its watch runs
         self._by_name: dict[bytes, Entry] | None = None  # None: nothing kept
         self._list: list[Entry] | None = None  # _by_name's values, in cookie order
-        self.version = 0  # + 1 at each change of what is kept
+        self.version = 0  # + 1 at each change of the names kept, and at each drop
         self._expires = 0.0
         self._builds: list[Build] = []
         self.listed = 0  # listings made from SOURCE
@@ -72,7 +75,12 @@ class TopLevel:
         if self._by_name is None:
             return None
         if time.monotonic() >= self._expires:
-            self.drop()
+            # Its attributes may be old now (a store path being built changes its own
+            # times without an event here), but its names are still SOURCE's: the watch
+            # ran throughout. The version stays: a copy the kernel holds of the names is
+            # still right, and so is the listing made next (see install).
+            self._by_name = None
+            self._list = None
             return None
         return self._list
 
@@ -92,8 +100,10 @@ class TopLevel:
         self._builds.remove(build)
         if build.spoiled:
             return entries
+        # No new version: since the last one (a drop, an expiry, a change) the watch has
+        # run throughout (a build it did not see is spoiled), so these are the names
+        # that version stands for; changes made meanwhile are applied below.
         self.listed += 1
-        self.version += 1
         self._by_name = {entry[0]: entry for entry in entries}
         self._list = entries
         self._expires = time.monotonic() + self.timeout

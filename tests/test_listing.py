@@ -130,3 +130,34 @@ def test_the_kept_top_level_is_changed_in_place_in_cookie_order(tmp_path: Path) 
         assert top.version > version
     finally:
         os.close(fd)
+
+
+def test_the_top_levels_version_moves_with_its_names_not_with_its_expiry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version stamps the kernel's copy of the names: an expiry (attributes may be old,
+    the watch kept the names) leaves it, a drop or a changed name moves it."""
+    for i in range(5):
+        (tmp_path / f"p{i}").write_bytes(b"x")
+    now = [1000.0]
+    monkeypatch.setattr("noatimefs.toplevel.time.monotonic", lambda: now[0])
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        top = TopLevel(fd, timeout=300.0)
+        top.watching = True
+        top.install(top.begin(), listing.list_dir(fd, 300.0))
+        version = top.version
+        now[0] += 301
+        assert top.entries() is None  # expired: list SOURCE again
+        assert top.version == version
+        again = top.install(top.begin(), listing.list_dir(fd, 300.0))
+        assert top.holds(again)
+        assert top.version == version  # the same names: a kernel's copy of them stays good
+        (tmp_path / "p9").write_bytes(b"new")
+        top.changed(b"p9")
+        assert top.version == version + 1
+        top.drop()  # (an overflowed event queue: names may have been missed)
+        assert top.version == version + 2
+        assert top.entries() is None
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,18 @@ def test_a_listing_read_across_a_change_lists_each_name_once(src: Path) -> None:
         assert set(got) >= before & after, "a name there all along was skipped"
         assert set(got) <= before | after
         assert set(_names(m.path)) == after
+
+
+def test_the_kernels_copy_is_kept_when_the_kept_top_level_only_expired(src: Path) -> None:
+    """An expired top-level listing is listed again, but its names are the watch's: the
+    kernel's copy of them stays good, and the listing after the relisting is the kernel's."""
+    with util.mounted(src, None, "--timeout", "2") as m:
+        first = _names(m.path)
+        assert _names(m.path) == first  # the kernel's copy, filled
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")  # the kernel drops its copy (the daemon cannot know)
+        time.sleep(2.5)  # the daemon's kept listing expires (not a synchronisation)
+        assert _names(m.path) == first  # listed by the daemon again, from SOURCE
+        readdirs = m.status()["readdirs"]
+        assert _names(m.path) == first
+        assert m.status()["readdirs"] == readdirs, "the copy made by the listing was dropped"

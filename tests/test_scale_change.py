@@ -375,13 +375,28 @@ def test_second_filesystem_inside_source_gets_its_own_inode_numbers(
 
 
 def _top(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Each top-level name with its inode number, size and type, as readdir(plus) gave them."""
+    """Each top-level name with its inode number, size and type, as readdir(plus) gave them.
+
+    Through the mount, an inode number at or above 2⁶³ (a spill id: SOURCE's number
+    was still held by the node of a removed file, which ext4 gave the new one, see
+    noatimefs.inodes) stands for "not SOURCE's number" and is shown as -1.
+    """
     out = {}
     with os.scandir(root) as it:
         for e in it:
             st = e.stat(follow_symlinks=False)
-            out[e.name] = (st.st_ino, st.st_size, "d" if e.is_dir(follow_symlinks=False) else "-")
+            ino = st.st_ino if st.st_ino < 1 << 63 else -1
+            out[e.name] = (ino, st.st_size, "d" if e.is_dir(follow_symlinks=False) else "-")
     return out
+
+
+def _same_top(mount: Path, source: Path) -> bool:
+    """The mount's top level is SOURCE's: names, sizes and types, and inode numbers where
+    the mount could give SOURCE's own (each spill id stands for a distinct file)."""
+    shown, real = _top(mount), _top(source)
+    if shown.keys() != real.keys():
+        return False
+    return all(shown[n][1:] == real[n][1:] and shown[n][0] in (real[n][0], -1) for n in real)
 
 
 def test_the_kept_top_level_listing_is_never_stale(store_src: Path) -> None:
@@ -397,11 +412,11 @@ def test_the_kept_top_level_listing_is_never_stale(store_src: Path) -> None:
             name = storegen.store_hash(95, 10 + i) + "-added-1.0"
             _new_store_path(store_src, name, b"#!/bin/sh\n")  # moved into place
             (store_src / f"{name}.drv").write_bytes(b"Derive()")  # created in place
-            assert _top(m.path) == _top(store_src), f"round {i}: added"
+            assert _same_top(m.path, store_src), f"round {i}: added"
             _rmtree(store_src / name)  # collected
-            assert _top(m.path) == _top(store_src), f"round {i}: removed"
+            assert _same_top(m.path, store_src), f"round {i}: removed"
             tmp = store_src / ".tmp-single"
             tmp.write_bytes(b"replaced %d\n" % i * (i + 2))
             tmp.rename(store_src / single)  # replaced
-            assert _top(m.path) == _top(store_src), f"round {i}: replaced"
+            assert _same_top(m.path, store_src), f"round {i}: replaced"
         assert m.status()["top_level_listed"] == listed  # kept and updated, never listed again

@@ -244,9 +244,10 @@ class NoatimeFS(pyfuse3.Operations):
         return fd
 
     def _identify_child(self, parent: Node, name: bytes) -> tuple[os.stat_result, bytes | None]:
-        """``lstat`` and incarnation of *name* in *parent* (:func:`noatimefs.source.identify`)."""
-        if parent.parent is None:
-            return identify(self.source.root_fd, name)
+        """``lstat`` and incarnation of *name* in *parent* (:func:`noatimefs.source.identify`).
+
+        (A lookup at the top level goes through :meth:`Source.open_cached` instead.)
+        """
         fd = self._open_dir(parent)
         try:
             return identify(fd, name)

@@ -28,27 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: mounts, modes, drop_caches)
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
-
-def process_facts(pid: int) -> tuple[int, float, float]:
-    """(bytes read from the disk, user CPU s, system CPU s) of process *pid* so far."""
-    read_bytes = 0
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                read_bytes = int(line.split()[1])
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return read_bytes, int(fields[11]) / _TICK, int(fields[12]) / _TICK
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(child) for child in f.read().split()]
+def process_facts(process: psutil.Process) -> tuple[int, float, float]:
+    """(bytes read from the disk, user CPU s, system CPU s) of *process* so far."""
+    times = process.cpu_times()
+    return process.io_counters().read_bytes, times.user, times.system
 
 
 def walk_once(mode: str, tree: str, workdir: Path, args: argparse.Namespace) -> dict[str, object]:
@@ -59,15 +48,16 @@ def walk_once(mode: str, tree: str, workdir: Path, args: argparse.Namespace) -> 
         else:
             bench.drop_caches()
         assert m.proc is not None
-        before = process_facts(m.proc.pid)
+        process = psutil.Process(m.proc.pid)
+        before = process_facts(process)
         find = ["find", m.root, *(["-printf", "%y %s\n"] if args.printf else [])]
         started = time.perf_counter()
         out = subprocess.run(
             ["runuser", "-u", args.owner, "--", *find], capture_output=True, check=True
         ).stdout
         seconds = time.perf_counter() - started
-        daemon = process_facts(m.proc.pid)
-        helpers = [process_facts(child) for child in children(m.proc.pid)]
+        daemon = process_facts(process)
+        helpers = [process_facts(child) for child in process.children()]
     finally:
         bench.stop_mount(m)  # (and removes the mountpoint)
     return {

@@ -296,6 +296,10 @@ class NoatimeFS(pyfuse3.Operations):
         if parent_inode == ROOT_ID and self.per_user is not None:
             return self._lookup_in_user_root(name, ctx)
         parent = self._node(parent_inode)
+        if parent.parent is None:
+            kept = self._kept_top()
+            if kept is not None:
+                return self._lookup_kept(parent, name, kept)
         cold = False
         with _errors():
             if parent.parent is None:
@@ -308,14 +312,55 @@ class NoatimeFS(pyfuse3.Operations):
                 st, inc = self._identify_child(parent, name)
         node = self.inodes.remember(parent, name, st, inc)
         if cold and stat.S_ISDIR(st.st_mode):
-            self._cold_paths[name] = None
-            if len(self._cold_paths) > _COLD_PATHS_MAX:
-                del self._cold_paths[next(iter(self._cold_paths))]
+            self._remember_cold_path(name)
         elif self._enters_cold_path(parent):
             # Walk it ahead now, not at the store path's own lookup: a caller that only
             # stats store paths would wait for the helper's disk reads, never needed.
             self.walk_ahead.want(parent.name, onward=False)
         return self._entry(node, st)
+
+    def _kept_top(self) -> dict[bytes, listing.Entry] | None:
+        """The kept top level by name, every change made before this request applied in it;
+        None when none is kept (:mod:`noatimefs.toplevel`)."""
+        if self.top.by_name() is None:
+            return None
+        self._top_events()  # (an overflowed queue drops the listing: then None)
+        return self.top.by_name()
+
+    def _lookup_kept(
+        self, root: Node, name: bytes, kept: dict[bytes, listing.Entry]
+    ) -> pyfuse3.EntryAttributes:
+        """A top-level lookup answered from the kept listing, a missing name with ``ENOENT``.
+
+        The kept listing holds SOURCE's names as of now, with the attributes it
+        was made (or an event relisted the name) with: what a readdirplus of it
+        would send, no older. No system call, but one for a directory: whether
+        SOURCE still holds it in memory (:meth:`Source.open_cached`), which a
+        lookup from SOURCE tells for the walk ahead (see :meth:`lookup`).
+        """
+        self.stats.lookups_kept += 1
+        entry = kept.get(name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        _, key, mode, uid, gid, attr, _ = entry
+        node = self.inodes.remember_key(root, name, key, mode, attr.st_ctime_ns)
+        if stat.S_ISDIR(mode):
+            fd = self.source.open_cached(name)
+            if fd >= 0:
+                os.close(fd)
+            elif fd == COLD:
+                self._remember_cold_path(name)
+        # The listing's own attributes, presented here as listing.reply presents them:
+        # pyfuse3 copies them into the reply before any other handler runs.
+        attr.st_ino = pyfuse3.InodeT(node.id)
+        attr.generation = node.gen
+        attr.st_uid, attr.st_gid, attr.st_mode = policy.present(mode, uid, gid, root.view.consumer)
+        return attr
+
+    def _remember_cold_path(self, name: bytes) -> None:
+        self._cold_paths[name] = None
+        if len(self._cold_paths) > _COLD_PATHS_MAX:
+            del self._cold_paths[next(iter(self._cold_paths))]
 
     def _enters_cold_path(self, parent: Node) -> bool:
         """A lookup in *parent*: is it the first into a store path that was looked up cold?"""

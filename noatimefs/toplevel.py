@@ -21,7 +21,8 @@ same version.
 The daemon reads the watch's queue before it serves a kept listing (see
 ``NoatimeFS._top_events``), and the kernel queues an inotify event before the
 call that changed SOURCE returns: so a listing never misses a change made
-before it was asked for.
+before it was asked for. A lookup at the top level is answered from the kept
+listing the same way (:meth:`TopLevel.by_name`): the entry, or ``ENOENT``.
 
 A listing is made outside the request loop (a worker thread, see ``fs.py``),
 and events may come meanwhile: :meth:`begin` opens a :class:`Build` that
@@ -83,6 +84,14 @@ class TopLevel:
             self._list = None
             return None
         return self._list
+
+    def by_name(self) -> dict[bytes, Entry] | None:
+        """The kept entries by name (as :meth:`entries`), or None: then ask SOURCE.
+
+        A lookup answers from them, a missing name included, once the watch's
+        queued events are applied: they hold every name SOURCE's top level has.
+        """
+        return self._by_name if self.entries() is not None else None
 
     def holds(self, entries: list[Entry] | None) -> bool:
         """Whether *entries* is the kept list (the one changes are made in)."""

@@ -354,6 +354,44 @@ def test_the_top_level_listing_is_kept_and_follows_source(
     assert ops.top.listed == 2  # without a watch nothing is kept
 
 
+def test_top_level_lookups_answer_from_the_kept_listing(
+    ops: NoatimeFS, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the top level kept, a lookup there asks SOURCE nothing, and applies the watch's
+    queued events first: a change made before it always shows (no task runs between here)."""
+
+    def stat_of(name: bytes) -> tuple[int, int, int] | int:
+        """(inode number, size, owner) or the errno; a spill id (an inode number ext4 gave
+        again while the table holds its old file, see noatimefs.inodes) shows as -1."""
+        try:
+            attr = run(ops.lookup, ROOT_ID, name, Ctx())
+        except pyfuse3.FUSEError as exc:
+            return exc.errno
+        return attr.st_ino if attr.st_ino < 1 << 63 else -1, attr.st_size, attr.st_uid
+
+    (tree / "single").write_bytes(b"old")
+    assert ops.start_watch() is not None
+    try:
+        readdir(ops, ROOT_ID, monkeypatch)
+        assert ops.top.by_name() is not None
+        (tree / "new").write_bytes(b"created")
+        (tree / "secret").unlink()
+        (tree / "single.tmp").write_bytes(b"replaced, longer")
+        (tree / "single.tmp").rename(tree / "single")
+        new, single = os.lstat(tree / "new"), os.lstat(tree / "single")
+        assert stat_of(b"new") in {(ino, new.st_size, 65534) for ino in (new.st_ino, -1)}
+        assert stat_of(b"single") in {(ino, single.st_size, 65534) for ino in (single.st_ino, -1)}
+        assert stat_of(b"secret") == errno.ENOENT
+        assert stat_of(b"never") == errno.ENOENT
+        assert stat_of(b"pkg")[2] == 65534  # type: ignore[index]
+        assert ops.stats.lookups_kept == 5
+        assert ops.top.listed == 1
+    finally:
+        ops.stop_watch()
+    assert stat_of(b"new") in {(ino, new.st_size, 65534) for ino in (new.st_ino, -1)}
+    assert ops.stats.lookups_kept == 5  # without a watch nothing is kept: SOURCE answers
+
+
 def test_without_the_c_module_listings_still_work_and_stop_asking_the_kernel(
     ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch
 ) -> None:

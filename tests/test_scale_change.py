@@ -399,6 +399,42 @@ def _same_top(mount: Path, source: Path) -> bool:
     return all(shown[n][1:] == real[n][1:] and shown[n][0] in (real[n][0], -1) for n in real)
 
 
+@pytest.mark.parametrize("timeout", [None, "0"], ids=["default-timeout", "timeout-0"])
+def test_top_level_lookups_answer_from_the_kept_listing_never_stale(
+    store_src: Path, timeout: str | None
+) -> None:
+    """Once the top level is kept, a lookup there is answered from it, never from an old copy.
+
+    Every name looked up below is one the kernel has never been told of (it
+    came after the listing), so each lookup reaches the daemon.
+    """
+    args = ("--timeout", timeout) if timeout else ()
+    with util.mounted(store_src, None, *args) as m:
+        assert _same_top(m.path, store_src)  # the daemon keeps it (not with --timeout 0)
+        asked = 0
+        for i in range(3):
+            added = _new_store_path(store_src, storegen.store_hash(96, i) + "-added-1.0", b"a")
+            gone = _new_store_path(store_src, storegen.store_hash(97, i) + "-gone-1.0", b"g")
+            single = store_src / (storegen.store_hash(98, i) + "-builder.sh")
+            single.write_bytes(b"old\n")
+            # The first lookup applies every event so far: all three names are kept now.
+            assert (m.path / added.name / "bin" / "tool").read_bytes() == b"a", f"round {i}"
+            _rmtree(gone)
+            tmp = store_src / ".tmp-single"
+            tmp.write_bytes(b"replaced, longer\n")
+            tmp.rename(single)
+            assert _errno(os.lstat, m.path / gone.name) == errno.ENOENT, f"round {i}: removed"
+            assert os.lstat(m.path / single.name).st_size == single.stat().st_size, f"round {i}"
+            assert _errno(os.lstat, m.path / f"never-{i}") == errno.ENOENT
+            asked += 4
+        status = m.status()
+        if timeout is None:
+            assert status["lookups_kept"] == asked, "top-level lookups went to SOURCE"
+            assert status["top_level_listed"] == 1
+        else:
+            assert status["lookups_kept"] == 0, "nothing is kept with --timeout 0"
+
+
 def test_the_kept_top_level_listing_is_never_stale(store_src: Path) -> None:
     """The daemon keeps the top-level listing; each change made before a listing shows in it."""
     single = storegen.store_hash(95, 1) + "-builder.sh"

@@ -112,13 +112,29 @@ class _Signals:
     def __init__(self) -> None:
         self.phase = "setup"
         self.child: subprocess.Popen[bytes] | None = None
+        #: Signals to relay that came before :meth:`adopt`: the command runs (and may
+        #: say it is ready) before ``Popen`` returns to us.
+        self._pending: list[int] = []
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.phase == "setup":
             raise _Interrupted(signum)
-        if self.phase == "command" and signum in _RELAYED and self.child is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.child.send_signal(signum)
+        if self.phase == "command" and signum in _RELAYED:
+            if self.child is None:
+                self._pending.append(signum)
+            else:
+                self._relay(signum)
+
+    def _relay(self, signum: int) -> None:
+        assert self.child is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.child.send_signal(signum)
+
+    def adopt(self, child: subprocess.Popen[bytes]) -> None:
+        """Relay to *child* from now on, and the signals that came before it was known."""
+        self.child = child
+        while self._pending:
+            self._relay(self._pending.pop(0))
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Signals]:
@@ -235,7 +251,7 @@ def run_command(command: list[str], mountpoint: str, signals: _Signals) -> int:
     except OSError as exc:
         print(f"noatimefs: error: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 126
-    signals.child = child
+    signals.adopt(child)
     code = child.wait()
     return 128 - code if code < 0 else code
 

@@ -11,9 +11,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 import util
+
+from noatimefs import runcmd
 
 pytestmark = pytest.mark.mount
 
@@ -257,3 +260,26 @@ def test_daemon_killed_under_the_command_is_reported_and_cleaned_up(
     assert f"errno {errno.ENOTCONN}" in r.stdout, r.stdout
     assert "the daemon died" in r.stderr, r.stderr
     assert_nothing_left(reported_mountpoint(r.stdout))
+
+
+class _Child:
+    """Stands for the command's Popen: records what is sent to it."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    def send_signal(self, signum: int) -> None:
+        self.got.append(signum)
+
+
+def test_a_sigterm_before_the_command_is_known_still_reaches_it() -> None:
+    """The command runs, and may say it is ready, before Popen returns to ``run``: a
+    SIGTERM then (seen once in CI, ``run`` waited for ``sleep 600``) must not be lost."""
+    child = _Child()
+    with runcmd._Signals().installed() as signals:
+        signals.phase = "command"
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, before the child is known
+        os.kill(os.getpid(), signal.SIGINT)  # not relayed: the command decides about ^C
+        signals.adopt(cast("subprocess.Popen[bytes]", child))
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert child.got == [signal.SIGTERM, signal.SIGHUP]

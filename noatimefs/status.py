@@ -129,7 +129,7 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("walks ahead started", status.get("walk_ahead_named", "?")),
         ("kernel listings", _on_off(status.get("kernel_listings"))),
         ("listings served", status.get("readdirs", "?")),
-        ("lookups from kept top", status.get("lookups_kept", "?")),
+        ("kept-top lookups", status.get("lookups_kept", "?")),
     ]
     if per_user:
         rows += _views(status.get("views"))

@@ -69,7 +69,16 @@ from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
 from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
-from noatimefs.source import COLD, O_PATH, Source, identify, identify_open, incarnation, proc_path
+from noatimefs.source import (
+    COLD,
+    O_PATH,
+    Source,
+    identify,
+    identify_open,
+    incarnation,
+    native,
+    proc_path,
+)
 from noatimefs.stats import Stats
 from noatimefs.toplevel import TopLevel
 from noatimefs.views import Allow, View, parse_uid
@@ -879,6 +888,7 @@ class NoatimeFS(pyfuse3.Operations):
             "top_level_updated": self.top.updated,
             "kernel_listings": self.kernel_listings,
             "kernel_listings_flagged": replyflags.applied(),
+            "native_syscalls": native,  # noatimefs._syscalls in use (not ctypes)
             "read_ahead_files": self.read_ahead.files,
             "read_ahead_dropped": self.read_ahead.dropped,
             "walk_ahead_named": self.walk_ahead.named,

@@ -51,14 +51,15 @@ def test_install_then_uninstall(world_tmp: Path) -> None:
             [
                 str(VENV / "bin" / "python"),
                 "-c",
-                "import noatimefs, pyfuse3; from noatimefs import replyflags;"
-                " print(noatimefs.__file__, replyflags.loaded())",
+                "import noatimefs, pyfuse3; from noatimefs import replyflags, source;"
+                " print(noatimefs.__file__, replyflags.loaded(), source.native)",
             ],
         )
         assert r.returncode == 0, r
         assert r.stdout.strip().startswith(str(VENV / "lib")), r.stdout
-        # The C part was built and loads: the kernel may keep listings.
-        assert r.stdout.strip().endswith(" True"), r.stdout
+        # The C parts were built and load: the kernel may keep listings, and the daemon
+        # makes openat2 and name_to_handle_at without ctypes.
+        assert r.stdout.strip().endswith(" True True"), r.stdout
         # ... and gets the CLI's one-line errors and exit codes (3: bad SOURCE).
         r = util.run_as_argv(
             NOBODY_UID, NOBODY_GID, ["noatimefs", str(world_tmp / "none"), str(world_tmp)]

@@ -242,15 +242,26 @@ def decide_open(flags: int, caller_uid: int, file_uid: int, daemon_uid: int) -> 
     alignment on the daemon's buffers. ``O_NOATIME`` is kept only when both the
     caller and the daemon may use it on the backing file.
     """
-    backing = os.O_RDONLY | os.O_CLOEXEC
     required = X_OK if flags & FMODE_EXEC else R_OK
     if not flags & os.O_NOATIME:
-        return OpenDecision(backing, Noatime.ABSENT, required)
+        return _DECISIONS[Noatime.ABSENT, required]
     caller_may = caller_uid in (0, file_uid)
     daemon_may = daemon_uid in (0, file_uid)
     if caller_may and daemon_may:
-        return OpenDecision(backing | os.O_NOATIME, Noatime.KEPT, required)
-    return OpenDecision(backing, Noatime.DROPPED, required)
+        return _DECISIONS[Noatime.KEPT, required]
+    return _DECISIONS[Noatime.DROPPED, required]
+
+
+#: Every decision :func:`decide_open` can make, made once (an open is a hot path).
+_DECISIONS = {
+    (noatime, required): OpenDecision(
+        os.O_RDONLY | os.O_CLOEXEC | (os.O_NOATIME if noatime is Noatime.KEPT else 0),
+        noatime,
+        required,
+    )
+    for noatime in Noatime
+    for required in (R_OK, X_OK)
+}
 
 
 def may_access(

@@ -31,6 +31,7 @@ class Listing(Generic[E]):
     ctime_ns: int  # of the directory it was made from
     entries: list[E]
     expires: float
+    by_name: dict[bytes, E] | None = None  # made by the first lookup answered from it
 
 
 class DirCache(Generic[E]):
@@ -49,13 +50,21 @@ class DirCache(Generic[E]):
         return self._size
 
     def get(self, key: Key, ctime_ns: int) -> Listing[E] | None:
+        """The listing of the directory *key* whose ctime is now *ctime_ns*, if one is held."""
+        listing = self.current(key, ctime_ns)
+        if listing is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return listing
+
+    def current(self, key: Key, ctime_ns: int) -> Listing[E] | None:
+        """:meth:`get`, uncounted (a lookup asks, and is counted by its caller)."""
         listing = self._listings.get(key)
         if listing is not None:
             if listing.expires > time.monotonic() and listing.ctime_ns == ctime_ns:
-                self.hits += 1
                 return listing
             self.drop(key)
-        self.misses += 1
         return None
 
     def peek(self, key: Key) -> Listing[E] | None:

@@ -244,24 +244,21 @@ class NoatimeFS(pyfuse3.Operations):
             raise _stale()
         return st
 
-    def _open_dir(self, node: Node) -> int:
-        """An ``O_PATH`` descriptor on directory *node*, checked to still be it."""
-        if node.parent is None:
-            return os.dup(self.source.root_fd)
+    def _open_dir(self, node: Node) -> tuple[int, os.stat_result]:
+        """An ``O_PATH`` descriptor on directory *node* below the top, checked to still be
+        it, and its ``fstat``."""
         fd = self.source.open(node.path(), O_PATH | os.O_DIRECTORY)
-        self._check(node, fd)
-        return fd
+        return fd, self._check(node, fd)
 
-    def _identify_child(self, parent: Node, name: bytes) -> tuple[os.stat_result, bytes | None]:
-        """``lstat`` and incarnation of *name* in *parent* (:func:`noatimefs.source.identify`).
-
-        (A lookup at the top level goes through :meth:`Source.open_cached` instead.)
-        """
-        fd = self._open_dir(parent)
-        try:
-            return identify(fd, name)
-        finally:
-            os.close(fd)
+    def _current_listing(self, node: Node, st: os.stat_result) -> dict[bytes, listing.Entry] | None:
+        """The cached listing of directory *node* by name, if it is of *node*'s ctime
+        *st* (a change of its entries changes that); else None: then ask SOURCE."""
+        cached = self.dir_cache.current(node.key, st.st_ctime_ns)
+        if cached is None:
+            return None
+        if cached.by_name is None:
+            cached.by_name = {entry[0]: entry for entry in cached.entries}
+        return cached.by_name
 
     def _open_node(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
         """Open *node* itself (no trailing symlink followed) and check it is still it."""
@@ -309,23 +306,38 @@ class NoatimeFS(pyfuse3.Operations):
             kept = self._kept_top()
             if kept is not None:
                 return self._lookup_kept(parent, name, kept)
-        cold = False
+            return self._lookup_top(parent, name)
+        # Below the top level: from the parent's cached listing while it is current (no
+        # more system calls than the parent's identity check), else from SOURCE.
         with _errors():
-            if parent.parent is None:
-                # A store path SOURCE no longer holds in memory: what follows it will be
-                # cold too. One held is identified through the descriptor that told so.
-                fd = self.source.open_cached(name)
-                cold = fd == COLD
-                st, inc = identify_open(fd) if fd >= 0 else identify(self.source.root_fd, name)
-            else:
-                st, inc = self._identify_child(parent, name)
-        node = self.inodes.remember(parent, name, st, inc)
-        if cold and stat.S_ISDIR(st.st_mode):
-            self._remember_cold_path(name)
-        elif self._enters_cold_path(parent):
+            fd, dir_st = self._open_dir(parent)
+            try:
+                listed = self._current_listing(parent, dir_st)
+                if listed is None:
+                    st, inc = identify(fd, name)
+            finally:
+                os.close(fd)
+        if listed is not None:
+            self.stats.lookups_listed += 1
+            attr = self._answer_listed(parent, name, listed)
+        else:
+            attr = self._entry(self.inodes.remember(parent, name, st, inc), st)
+        if self._enters_cold_path(parent):
             # Walk it ahead now, not at the store path's own lookup: a caller that only
             # stats store paths would wait for the helper's disk reads, never needed.
             self.walk_ahead.want(parent.name, onward=False)
+        return attr
+
+    def _lookup_top(self, root: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        """A top-level lookup from SOURCE (none is kept)."""
+        with _errors():
+            # A store path SOURCE no longer holds in memory: what follows it will be
+            # cold too. One held is identified through the descriptor that told so.
+            fd = self.source.open_cached(name)
+            st, inc = identify_open(fd) if fd >= 0 else identify(self.source.root_fd, name)
+        node = self.inodes.remember(root, name, st, inc)
+        if fd == COLD and stat.S_ISDIR(st.st_mode):
+            self._remember_cold_path(name)
         return self._entry(node, st)
 
     def _kept_top(self) -> dict[bytes, listing.Entry] | None:
@@ -348,22 +360,32 @@ class NoatimeFS(pyfuse3.Operations):
         lookup from SOURCE tells for the walk ahead (see :meth:`lookup`).
         """
         self.stats.lookups_kept += 1
-        entry = kept.get(name)
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        _, key, mode, uid, gid, attr, _ = entry
-        node = self.inodes.remember_key(root, name, key, mode, attr.st_ctime_ns)
-        if stat.S_ISDIR(mode):
+        attr = self._answer_listed(root, name, kept)
+        if stat.S_ISDIR(attr.st_mode):
             fd = self.source.open_cached(name)
             if fd >= 0:
                 os.close(fd)
             elif fd == COLD:
                 self._remember_cold_path(name)
+        return attr
+
+    def _answer_listed(
+        self, parent: Node, name: bytes, listed: dict[bytes, listing.Entry]
+    ) -> pyfuse3.EntryAttributes:
+        """The lookup of *name* in *parent* answered from *parent*'s current listing by
+        name: ``ENOENT`` for a name it does not hold, else what readdirplus would send."""
+        entry = listed.get(name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        _, key, mode, uid, gid, attr, _ = entry
+        node = self.inodes.remember_key(parent, name, key, mode, attr.st_ctime_ns)
         # The listing's own attributes, presented here as listing.reply presents them:
         # pyfuse3 copies them into the reply before any other handler runs.
         attr.st_ino = pyfuse3.InodeT(node.id)
         attr.generation = node.gen
-        attr.st_uid, attr.st_gid, attr.st_mode = policy.present(mode, uid, gid, root.view.consumer)
+        attr.st_uid, attr.st_gid, attr.st_mode = policy.present(
+            mode, uid, gid, parent.view.consumer
+        )
         return attr
 
     def _remember_cold_path(self, name: bytes) -> None:

@@ -24,6 +24,7 @@ class Stats:
     reads_waited: int = 0  # reads that found the data not in SOURCE's page cache
     readdirs: int = 0  # READDIR requests: the listings the kernel did not serve itself
     lookups_kept: int = 0  # top-level lookups answered from the kept listing, not SOURCE
+    lookups_listed: int = 0  # lookups below the top answered from the parent's cached listing
     kept_by_process: Counter[str] = field(default_factory=Counter)
     dropped_by_process: Counter[str] = field(default_factory=Counter)
     _logged: set[int] = field(default_factory=set)
@@ -65,6 +66,7 @@ class Stats:
             "reads_waited": self.reads_waited,
             "readdirs": self.readdirs,
             "lookups_kept": self.lookups_kept,
+            "lookups_listed": self.lookups_listed,
             "kept_by_process": dict(self.kept_by_process),
             "dropped_by_process": dict(self.dropped_by_process),
         }

@@ -130,6 +130,7 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("kernel listings", _on_off(status.get("kernel_listings"))),
         ("listings served", status.get("readdirs", "?")),
         ("kept-top lookups", status.get("lookups_kept", "?")),
+        ("listing lookups", status.get("lookups_listed", "?")),
     ]
     if per_user:
         rows += _views(status.get("views"))

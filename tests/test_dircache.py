@@ -56,3 +56,12 @@ def test_purge_drops_only_expired(tmp_path: Path) -> None:
     cache.timeout = -1
     cache.put((1, 2), 5, [b"c"])  # a non-positive timeout caches nothing
     assert len(cache) == 2
+
+
+def test_current_checks_like_get_and_counts_nothing(tmp_path: Path) -> None:
+    cache: DirCache[bytes] = DirCache(timeout=60)
+    cache.put((1, 1), 5, [b"a"])
+    assert cache.current((1, 1), 5) is not None
+    assert cache.current((1, 1), 6) is None  # changed since: dropped
+    assert cache.get((1, 1), 5) is None
+    assert (cache.hits, cache.misses) == (0, 1)

@@ -16,7 +16,8 @@ import pyfuse3
 import pytest
 import trio
 
-from noatimefs import listing, policy, replyflags
+from noatimefs import fs as fs_module
+from noatimefs import listing, policy, replyflags, source
 from noatimefs.fs import STATUS_XATTR, NoatimeFS
 from noatimefs.inodes import ROOT_ID
 from noatimefs.source import Source
@@ -391,6 +392,37 @@ def test_top_level_lookups_answer_from_the_kept_listing(
         ops.stop_watch()
     assert stat_of(b"new") in {(ino, new.st_size, 65534) for ino in (new.st_ino, -1)}
     assert ops.stats.lookups_kept == 5  # without a watch nothing is kept: SOURCE answers
+
+
+def test_lookups_below_the_top_answer_from_a_current_listing(
+    ops: NoatimeFS, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a directory's cached listing is of its ctime of now, a lookup in it asks SOURCE
+    only for the directory's identity; once its entries change, SOURCE answers again."""
+    asked: list[bytes] = []
+    real_identify = source.identify
+
+    def identify(dirfd: int, name: bytes) -> tuple[os.stat_result, bytes | None]:
+        asked.append(name)
+        return real_identify(dirfd, name)
+
+    monkeypatch.setattr(fs_module, "identify", identify)
+    pkg = lookup(ops, "pkg").st_ino
+    readdir(ops, pkg, monkeypatch)
+    data = run(ops.lookup, pkg, b"data", Ctx())
+    assert (data.st_ino, data.st_size, data.st_uid) == (
+        os.lstat(tree / "pkg" / "data").st_ino,
+        1200,
+        65534,
+    )
+    assert run(ops.lookup, pkg, b"hardlink", Ctx()).st_ino == data.st_ino
+    assert stat.S_ISLNK(run(ops.lookup, pkg, b"link", Ctx()).st_mode)
+    assert errno_of(ops.lookup, pkg, b"never", Ctx()) == errno.ENOENT
+    assert (asked, ops.stats.lookups_listed) == ([], 4)
+
+    (tree / "pkg" / "never").write_bytes(b"now there")
+    assert run(ops.lookup, pkg, b"never", Ctx()).st_size == 9
+    assert (asked, ops.stats.lookups_listed) == ([b"never"], 4)
 
 
 def test_without_the_c_module_listings_still_work_and_stop_asking_the_kernel(

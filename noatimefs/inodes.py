@@ -252,13 +252,21 @@ class InodeTable:
         return self.remember_key(parent, name, key, st.st_mode, st.st_ctime_ns)
 
     def remember_key(
-        self, parent: Node, name: bytes, key: Identity, mode: int, ctime_ns: int
+        self, parent: Node, name: bytes, key: Identity, mode: int, ctime_ns: int, peeked: int = 0
     ) -> Node:
-        """:meth:`remember` from the few facts it needs (a cached listing keeps no stat)."""
+        """:meth:`remember` from the few facts it needs (a cached listing keeps no stat).
+
+        *peeked* is the node id :meth:`peek` gave for *key* just before, with no change
+        to the table since (readdir): a preferred id it gave is still free, and is taken
+        without working it out again.
+        """
         view = parent.view
         node = self._by_key.get((view.tag, key))
         if node is None:
-            node_id = self._new_id(key, view.tag, take=True)
+            if 0 < peeked < _SPILL_BASE and peeked not in self._nodes:
+                node_id = peeked
+            else:
+                node_id = self._new_id(key, view.tag, take=True)
             node = Node(node_id, key, parent, name, mode, ctime_ns, view)
             self._nodes[node_id] = self._by_key[view.tag, key] = node
         else:

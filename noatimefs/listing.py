@@ -137,10 +137,11 @@ def reply(
     for index in range(after(entries, start), len(entries)):
         name, key, mode, uid, gid, attr, offset = entries[index]
         ctime_ns = attr.st_ctime_ns
-        attr.st_ino, attr.generation = inodes.peek(key, mode, ctime_ns, parent.view.tag)
+        node_id, attr.generation = inodes.peek(key, mode, ctime_ns, parent.view.tag)
+        attr.st_ino = pyfuse3.InodeT(node_id)
         attr.st_uid, attr.st_gid, attr.st_mode = present(mode, uid, gid, consumer)
         if not pyfuse3.readdir_reply(token, name, attr, offset):
             break  # not sent: the table must not learn of it
-        inodes.remember_key(parent, name, key, mode, ctime_ns)
+        inodes.remember_key(parent, name, key, mode, ctime_ns, node_id)
         sent += 1
     return sent

@@ -78,6 +78,19 @@ def test_peek_gives_what_remember_will_give_and_changes_nothing(table: InodeTabl
     assert table.peek((dev(table), 6, b"z"), REG, 1) == (6, 0)
 
 
+def test_remember_takes_the_id_a_peek_gave(table: InodeTable) -> None:
+    """readdir passes on the id it peeked: a preferred one is taken as it is, a spill id
+    is worked out (and taken) again, so the next spill id is another."""
+    key = (dev(table), 8, b"x")
+    peeked, _ = table.peek(key, REG, 1)
+    assert table.remember_key(table.root, b"a", key, REG, 1, peeked).id == peeked == 8
+    again = (dev(table), 8, b"y")  # a recycled number: a spill id
+    peeked, _ = table.peek(again, REG, 1)
+    node = table.remember_key(table.root, b"b", again, REG, 1, peeked)
+    assert node.id == peeked >= SPILL
+    assert remember(table, b"c", (dev(table), 8, b"z")).id == peeked + 1
+
+
 def test_spill_ids_are_never_reused(table: InodeTable) -> None:
     remember(table, b"a", (dev(table), 5, b"x"))
     first = remember(table, b"b", (dev(table), 5, b"y"))

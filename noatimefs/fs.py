@@ -132,6 +132,11 @@ class _errors:  # noqa: N801 (used as a function: ``with _errors():``)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
 
+def _answers(listed: dict[bytes, listing.Entry], name: bytes) -> bool:
+    """Whether a current listing by name answers a lookup of *name* as SOURCE would."""
+    return len(name) <= _NAME_MAX or name in listed
+
+
 def _stale() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.ESTALE)
 
@@ -160,6 +165,9 @@ class _DirHandle:
 
 #: How many store paths looked up cold are remembered until the caller goes into one.
 _COLD_PATHS_MAX = 4096
+#: Linux's NAME_MAX. A listing cannot tell why it lacks a longer name: SOURCE answers it
+#: (``ENAMETOOLONG`` on most filesystems, where a listing would say ``ENOENT``).
+_NAME_MAX = 255
 
 
 class NoatimeFS(pyfuse3.Operations):
@@ -304,7 +312,7 @@ class NoatimeFS(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if parent.parent is None:
             kept = self._kept_top()
-            if kept is not None:
+            if kept is not None and _answers(kept, name):
                 return self._lookup_kept(parent, name, kept)
             return self._lookup_top(parent, name)
         # Below the top level: from the parent's cached listing while it is current (no
@@ -313,7 +321,8 @@ class NoatimeFS(pyfuse3.Operations):
             fd, dir_st = self._open_dir(parent)
             try:
                 listed = self._current_listing(parent, dir_st)
-                if listed is None:
+                if listed is None or not _answers(listed, name):
+                    listed = None
                     st, inc = identify(fd, name)
             finally:
                 os.close(fd)

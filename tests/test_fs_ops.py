@@ -385,6 +385,7 @@ def test_top_level_lookups_answer_from_the_kept_listing(
         assert stat_of(b"single") in {(ino, single.st_size, 65534) for ino in (single.st_ino, -1)}
         assert stat_of(b"secret") == errno.ENOENT
         assert stat_of(b"never") == errno.ENOENT
+        assert stat_of(b"n" * 300) == errno.ENAMETOOLONG  # SOURCE's answer, not the listing's
         assert stat_of(b"pkg")[2] == 65534  # type: ignore[index]
         assert ops.stats.lookups_kept == 5
         assert ops.top.listed == 1
@@ -419,10 +420,13 @@ def test_lookups_below_the_top_answer_from_a_current_listing(
     assert stat.S_ISLNK(run(ops.lookup, pkg, b"link", Ctx()).st_mode)
     assert errno_of(ops.lookup, pkg, b"never", Ctx()) == errno.ENOENT
     assert (asked, ops.stats.lookups_listed) == ([], 4)
+    # A name longer than NAME_MAX: SOURCE tells why there is none (the listing cannot).
+    assert errno_of(ops.lookup, pkg, b"n" * 300, Ctx()) == errno.ENAMETOOLONG
+    assert (asked, ops.stats.lookups_listed) == ([b"n" * 300], 4)
 
     (tree / "pkg" / "never").write_bytes(b"now there")
     assert run(ops.lookup, pkg, b"never", Ctx()).st_size == 9
-    assert (asked, ops.stats.lookups_listed) == ([b"never"], 4)
+    assert (asked, ops.stats.lookups_listed) == ([b"n" * 300, b"never"], 4)
 
 
 def test_without_the_c_module_listings_still_work_and_stop_asking_the_kernel(

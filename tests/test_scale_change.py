@@ -435,6 +435,34 @@ def test_top_level_lookups_answer_from_the_kept_listing_never_stale(
             assert status["lookups_kept"] == 0, "nothing is kept with --timeout 0"
 
 
+def _forget_dentries() -> None:
+    """Have the kernel drop every unused dentry and inode, the mount's included (a FORGET
+    to the daemon for each): the next lookups reach the daemon, whose caches stay."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_lookups_below_the_top_answer_from_cached_listings_never_stale(store_src: Path) -> None:
+    """A lookup below the top level in a directory the daemon has listed is answered from
+    that listing while the directory is unchanged, and from SOURCE once it changes."""
+    path = _new_store_path(store_src, storegen.store_hash(94, 1) + "-tools-1.0", b"tool\n")
+    bin_dir = path / "bin"
+    with util.mounted(store_src, None) as m:
+        shown = m.path / path.name / "bin"
+        assert sorted(os.listdir(shown)) == ["tool"]  # the daemon keeps this listing
+        _forget_dentries()
+        assert _read(shown / "tool") == b"tool\n"
+        assert _errno(os.lstat, shown / "missing") == errno.ENOENT
+        answered = m.status()["lookups_listed"]
+        assert answered >= 2, "lookups in a listed directory went to SOURCE"
+        (bin_dir / "added").write_bytes(b"added\n")  # the directory's ctime moves
+        (bin_dir / "tool").unlink()
+        _forget_dentries()
+        assert _read(shown / "added") == b"added\n"
+        assert _errno(os.lstat, shown / "tool") == errno.ENOENT
+        assert m.status()["lookups_listed"] == answered, "a stale listing answered"
+
+
 def test_the_kept_top_level_listing_is_never_stale(store_src: Path) -> None:
     """The daemon keeps the top-level listing; each change made before a listing shows in it."""
     single = storegen.store_hash(95, 1) + "-builder.sh"

@@ -112,13 +112,15 @@ def test_open_read_release_and_noatime_counters(ops: NoatimeFS) -> None:
     node = lookup(ops, "pkg/data").st_ino
     user = Ctx(uid=65534, gid=65534)
     info = run(ops.open, node, os.O_RDONLY | os.O_NOATIME, user)
-    assert not fcntl.fcntl(info.fh, fcntl.F_GETFL) & os.O_NOATIME
+    assert not fcntl.fcntl(info.fh, fcntl.F_GETFL) & (os.O_NOATIME | os.O_NONBLOCK)
     assert run(ops.read, info.fh, 0, 12) == b"store bytes\n"
     assert run(ops.read, info.fh, 1200 - 5, 100) == b"ytes\n"  # short at EOF
     run(ops.release, info.fh)
     assert (ops.stats.noatime_dropped, ops.stats.noatime_kept) == (1, 0)
     info = run(ops.open, node, os.O_RDONLY | os.O_NOATIME, Ctx())
-    assert fcntl.fcntl(info.fh, fcntl.F_GETFL) & os.O_NOATIME
+    flags = fcntl.fcntl(info.fh, fcntl.F_GETFL)
+    assert flags & os.O_NOATIME
+    assert not flags & os.O_NONBLOCK
     run(ops.release, info.fh)
     assert (ops.stats.noatime_dropped, ops.stats.noatime_kept) == (1, 1)
     assert not ops.files

@@ -370,12 +370,8 @@ class NoatimeFS(pyfuse3.Operations):
         """
         self.stats.lookups_kept += 1
         attr = self._answer_listed(root, name, kept)
-        if stat.S_ISDIR(attr.st_mode):
-            fd = self.source.open_cached(name)
-            if fd >= 0:
-                os.close(fd)
-            elif fd == COLD:
-                self._remember_cold_path(name)
+        if stat.S_ISDIR(attr.st_mode) and not self.source.in_memory(name):
+            self._remember_cold_path(name)
         return attr
 
     def _answer_listed(

@@ -119,6 +119,16 @@ class Source:
             if dirfd != self.root_fd:
                 os.close(dirfd)
 
+    def in_memory(self, relpath: bytes) -> bool:
+        """Whether *relpath* resolves from the kernel's caches alone, without reading the disk.
+
+        (``RESOLVE_CACHED``; a kernel older than 5.12 cannot tell, and True is answered.)
+        """
+        fd = self.open_cached(relpath)
+        if fd >= 0:
+            os.close(fd)
+        return fd != COLD
+
     def open_cached(self, relpath: bytes) -> int:
         """An ``O_PATH | O_NOFOLLOW`` descriptor on *relpath* if it resolves from the
         kernel's caches alone; else a negative number: :data:`COLD` when resolving it

@@ -226,22 +226,14 @@ def test_a_dead_helper_is_done_without_not_restarted(store: Store) -> None:
     assert (ahead.named, ahead.dropped, ahead.pid) == (1, 2, None)
 
 
-def _in_memory(source: Source, name: bytes) -> bool:
-    """Whether looking *name* up would not read the disk (as the daemon's lookup asks)."""
-    fd = source.open_cached(name)
-    if fd >= 0:
-        os.close(fd)
-    return fd != COLD
-
-
 def test_source_tells_a_name_it_must_look_up_on_disk(tmp_path: Path) -> None:
     (tmp_path / "seen").mkdir()
     source = Source(str(tmp_path))
     try:
-        assert _in_memory(source, b"seen")
-        assert not _in_memory(source, b"never-looked-up")  # no dentry: the lookup reads the disk
+        assert source.in_memory(b"seen")
+        assert not source.in_memory(b"never-looked-up")  # no dentry: the lookup reads the disk
         assert not (tmp_path / "never-looked-up").exists()  # leaves a negative dentry
-        assert _in_memory(source, b"never-looked-up")
+        assert source.in_memory(b"never-looked-up")
         # What a lookup at the top level uses: the probe's own descriptor, when it has one.
         fd = source.open_cached(b"seen")
         assert fd >= 0

@@ -15,7 +15,15 @@ uid = ``--owner``, the real gid, the real mode.  It is a benchmark tool, not a
 filesystem to rely on: the snapshot never changes, handlers never await, and
 nothing outside the snapshot exists.
 
-    python bench/floorfs.py [--owner UID] [--max-tasks N] SOURCE MOUNTPOINT
+With ``--passthrough`` it touches SOURCE as a passthrough filesystem must,
+as bindfs does, and no more: an ``lstat`` of the path per lookup and getattr
+(attributes fresh from it), an ``open`` per open closed on release, and an
+``open`` and one read of the directory per opendir (the names and the
+readdirplus attributes still come from the snapshot). The snapshot then only
+names paths: what the benchmark measures through it is the binding's price
+plus the disk's, the least a pyfuse3 passthrough can cost.
+
+    python bench/floorfs.py [--owner UID] [--max-tasks N] [--passthrough] SOURCE MOUNTPOINT
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import itertools
 import json
 import logging
 import os
@@ -106,9 +115,15 @@ def snapshot(source: str, uid: int) -> list[Node | None]:
 class FloorOperations(pyfuse3.Operations):
     """Answers from the snapshot; see the module docstring."""
 
-    def __init__(self, source: str, uid: int) -> None:
+    def __init__(self, source: str, uid: int, passthrough: bool = False) -> None:
         super().__init__()
         self.nodes = snapshot(source, uid)
+        self.uid = uid
+        #: Touch SOURCE as a passthrough must (see --passthrough); the snapshot only names.
+        self.passthrough = passthrough
+        self.dir_fds: dict[int, int] = {}  # passthrough: directory handle -> descriptor
+        self._dir_inode: dict[int, int] = {}  # passthrough: directory handle -> inode
+        self._dir_handles = itertools.count(1)
         self.fds: dict[int, int] = {}  # inode -> cached read-only descriptor
         self.calls: collections.Counter[str] = collections.Counter()  # requests by type
         self.max_fds = _raise_nofile() - 64
@@ -138,11 +153,19 @@ class FloorOperations(pyfuse3.Operations):
         ino = children.get(name)
         if ino is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._node(ino).attr
+        return self._fresh(ino) if self.passthrough else self._node(ino).attr
+
+    def _fresh(self, ino: int) -> pyfuse3.EntryAttributes:
+        """Inode *ino*'s attributes from an ``lstat`` of its path now (--passthrough)."""
+        try:
+            st = os.lstat(self._node(ino).path)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        return _attr(st, ino, self.uid)
 
     async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.calls["getattr"] += 1
-        return self._node(inode).attr
+        return self._fresh(inode) if self.passthrough else self._node(inode).attr
 
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
         self.calls["readlink"] += 1
@@ -153,12 +176,28 @@ class FloorOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         self.calls["opendir"] += 1
-        if self._node(inode).names is None:
+        node = self._node(inode)
+        if node.names is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return FileHandleT(inode)
+        if not self.passthrough:
+            return FileHandleT(inode)
+        try:
+            fd = os.open(node.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        fh = next(self._dir_handles)
+        self.dir_fds[fh] = fd
+        self._dir_inode[fh] = inode
+        return FileHandleT(fh)
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.calls["readdir"] += 1
+        if self.passthrough:
+            if start_id == 0:  # read the directory once, as a passthrough must
+                with os.scandir(self.dir_fds[fh]) as it:
+                    for _ in it:
+                        pass
+            fh = FileHandleT(self._dir_inode[fh])
         names = self._node(fh).names or []
         nodes = self.nodes
         for i in range(start_id, len(names)):
@@ -170,7 +209,9 @@ class FloorOperations(pyfuse3.Operations):
 
     async def releasedir(self, fh: FileHandleT) -> None:
         self.calls["releasedir"] += 1
-        pass
+        if self.passthrough:
+            self._dir_inode.pop(fh, None)
+            os.close(self.dir_fds.pop(fh))
 
     async def open(
         self, inode: InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
@@ -178,6 +219,12 @@ class FloorOperations(pyfuse3.Operations):
         self.calls["open"] += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if self.passthrough:  # a descriptor per open, closed on release
+            try:
+                own = os.open(self._node(inode).path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            return pyfuse3.FileInfo(fh=FileHandleT(own), keep_cache=True)
         fd = self.fds.get(inode)
         if fd is None:
             node = self._node(inode)
@@ -192,6 +239,8 @@ class FloorOperations(pyfuse3.Operations):
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         self.calls["read"] += 1
+        if self.passthrough:
+            return os.pread(fh, size, off)
         fd = self.fds.get(fh)
         if fd is None:  # evicted while open: reopen
             fd = os.open(self._node(fh).path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -200,7 +249,8 @@ class FloorOperations(pyfuse3.Operations):
 
     async def release(self, fh: FileHandleT) -> None:
         self.calls["release"] += 1
-        pass
+        if self.passthrough:
+            os.close(fh)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         self.calls["statfs"] += 1
@@ -296,6 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tasks", type=int, default=99, help="pyfuse3 worker tasks")
     p.add_argument("--debug", action="store_true")
     p.add_argument(
+        "--passthrough",
+        action="store_true",
+        help="touch SOURCE as a passthrough filesystem must, no more: lstat per lookup and "
+        "getattr, open/close per open, open and one read of a directory per opendir",
+    )
+    p.add_argument(
         "--fast-loop", action="store_true", help="experiment: read queued requests without parking"
     )
     p.add_argument(
@@ -309,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s floorfs %(levelname)s %(message)s",
     )
     t0 = time.monotonic()
-    ops = FloorOperations(os.path.abspath(args.source), args.owner)
+    ops = FloorOperations(os.path.abspath(args.source), args.owner, args.passthrough)
     log.info("snapshot: %d entries in %.2fs", len(ops.nodes) - 1, time.monotonic() - t0)
     options = set(pyfuse3.default_options)
     options |= {"ro", "allow_other", "fsname=" + os.path.abspath(args.source), "subtype=floorfs"}

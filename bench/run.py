@@ -58,6 +58,7 @@ EXTRA_MODES = (
     "floor-t1",
     "floor-fast",
     "floor-loop",
+    "floor-pass",
     "noatimefs-plain",
     "noatimefs-base",
     "noatimefs-view",
@@ -196,6 +197,17 @@ def daemon_command(mode: str, source: str, mnt: str, owner: str) -> list[str]:
             sys.executable,
             str(HERE / "floorfs.py"),
             "--noatimefs-loop",
+            "--owner",
+            uid,
+            source,
+            mnt,
+        ]
+    if mode == "floor-pass":  # floor-loop touching SOURCE as a passthrough must (as bindfs does)
+        return [
+            sys.executable,
+            str(HERE / "floorfs.py"),
+            "--noatimefs-loop",
+            "--passthrough",
             "--owner",
             uid,
             source,

@@ -239,8 +239,25 @@ def daemon_cwd(mode: str, base: Path | None) -> Path:
     return base
 
 
+#: --pin: the CPUs (taskset lists) of the daemons and of the workloads. Where the scheduler
+#: puts a caller and the daemon that answers it decides much of a round trip's cost on a
+#: small virtual machine (bench/README.md, "Where the caller runs"): pinned, an A/B of a
+#: handler sees its change with less noise. Not how a mount is used: the default is unpinned.
+PLACEMENTS = {"apart": ("1", "0"), "together": ("0", "0")}
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    """*argv* run on the CPUs *cpus* (a taskset list) and its children too; as is for None."""
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
 def start_mount(
-    mode: str, source: str, workdir: Path, owner: str, base: Path | None = None
+    mode: str,
+    source: str,
+    workdir: Path,
+    owner: str,
+    base: Path | None = None,
+    cpus: str | None = None,
 ) -> Mount:
     if mode == "native":
         return Mount(mode, source)
@@ -249,7 +266,7 @@ def start_mount(
     log = workdir / f"{mode}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            daemon_command(mode, source, str(mnt), owner),
+            pinned(daemon_command(mode, source, str(mnt), owner), cpus),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -315,6 +332,7 @@ class Workloads:
         listfile: str,
         lookupfile: str = "",
         glob: str = "*",
+        cpus: str | None = None,
     ) -> None:
         pw = pwd.getpwnam(owner)
         self.as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
@@ -324,10 +342,12 @@ class Workloads:
         self.listfile = listfile
         self.lookupfile = lookupfile
         self.pattern = glob
+        self.cpus = cpus
 
     def _run(self, root: str, argv: list[str]) -> tuple[float, bytes, bytes]:
         t0 = time.perf_counter()
-        r = subprocess.run(self.as_user + ["--", *argv], cwd=root, capture_output=True)
+        cmd = pinned([*self.as_user, "--", *argv], self.cpus)
+        r = subprocess.run(cmd, cwd=root, capture_output=True)
         dt = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"{argv!r} in {root} failed ({r.returncode}): {r.stderr[-2000:]!r}")
@@ -582,7 +602,13 @@ def environment(
             f"{summary.big_size >> 20} MiB; seed {summary.seed}",
             f"- runs: {args.reps} repetitions, modes interleaved {' '.join(modes)}; "
             f"workloads as user {args.owner}; open20k = {args.opens} open/close calls "
-            "(timed inside the caller, start-up excluded)",
+            "(timed inside the caller, start-up excluded); "
+            + (
+                f"pinned {args.pin}: daemons on CPU {PLACEMENTS[args.pin][0]}, "
+                f"workloads on CPU {PLACEMENTS[args.pin][1]}"
+                if args.pin
+                else "unpinned"
+            ),
             "- daemon CPU s: user+system of the daemon process and its helpers per run (median); "
             "native has no daemon",
             f"- load average (1 min) at start and end: {load} (other work on the machine "
@@ -604,13 +630,18 @@ def progress(i: int, total: int, t0: float, text: str) -> None:
 
 @contextlib.contextmanager
 def mounts(
-    modes: Sequence[str], source: str, workdir: Path, owner: str, base: Path | None = None
+    modes: Sequence[str],
+    source: str,
+    workdir: Path,
+    owner: str,
+    base: Path | None = None,
+    cpus: str | None = None,
 ) -> Iterator[dict[str, Mount]]:
     active: dict[str, Mount] = {}
     try:
         for mode in modes:
             try:
-                active[mode] = start_mount(mode, source, workdir, owner, base)
+                active[mode] = start_mount(mode, source, workdir, owner, base, cpus)
                 print(f"mounted {mode}: {active[mode].root}", file=sys.stderr)
             except (MountError, OSError) as e:
                 if mode in OPTIONAL_MODES:
@@ -680,6 +711,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--reps", type=int, help="repetitions (default 3)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold runs")
+    p.add_argument(
+        "--pin",
+        choices=sorted(PLACEMENTS),
+        help="run the daemons and the workloads on fixed CPUs: apart (daemons on CPU 1, "
+        "workloads on CPU 0) or together (both on CPU 0); default: unpinned",
+    )
     p.add_argument("--owner", default="nobody", help="consumer user (default nobody)")
     p.add_argument("--paths", type=int)
     p.add_argument("--files-per-path", type=int)
@@ -703,6 +740,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     scale = SMALL if args.small else FULL
+    if args.pin == "apart" and (os.cpu_count() or 1) < 2:
+        p.error("--pin apart needs two CPUs")
     if (args.dirs_per_path is None) != (args.files_per_dir is None):
         p.error("--dirs-per-path and --files-per-dir go together")
     if args.big_top:
@@ -762,7 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         file_list(summary, listfile)
     lookupfile, pattern = top_level(summary, cache / f"tree-{key}.lookup", args.seed)
 
-    wl = Workloads(summary, args.owner, args.opens, str(listfile), str(lookupfile), pattern)
+    daemon_cpus, workload_cpus = PLACEMENTS[args.pin] if args.pin else (None, None)
+    wl = Workloads(
+        summary, args.owner, args.opens, str(listfile), str(lookupfile), pattern, workload_cpus
+    )
     caches = ["warm"] if args.no_cold else ["cold", "warm"]
     runs: list[Run] = []
     expected: dict[str, Outcome] = {}
@@ -772,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     try:
-        with mounts(modes, summary.dest, workdir, args.owner, args.base) as active:
+        with mounts(modes, summary.dest, workdir, args.owner, args.base, daemon_cpus) as active:
             failed_mounts = [m for m in modes if m not in active]
             live = [m for m in modes if m in active]
             total = args.reps * len(workloads) * len(live) * len(caches)

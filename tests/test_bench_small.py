@@ -215,6 +215,28 @@ def test_bench_small_view_outputs_match_native(scratch: Path) -> None:
 
 
 @pytest.mark.mount
+def test_bench_small_floor_pass_pinned_outputs_match_native(scratch: Path) -> None:
+    """floor-pass (floorfs --passthrough) answers as native does; --pin runs it all pinned."""
+    _require_fuse()
+    modes = "native,floor-pass"
+    workloads = "find,stat,small_read,open20k,lookup"
+    data, log = _run_bench(
+        scratch,
+        f"--modes={modes}",
+        f"--require={modes}",
+        "--opens=300",
+        f"--workloads={workloads}",
+        "--pin=apart" if (os.cpu_count() or 1) >= 2 else "--pin=together",
+    )
+    runs = data["runs"]
+    assert {(r["mode"], r["workload"]) for r in runs} == {
+        (m, w) for m in modes.split(",") for w in workloads.split(",")
+    }, log
+    assert [r for r in runs if not r["ok"]] == [], log
+    assert "pinned apart: daemons on CPU 1" in log or "pinned together" in log, log
+
+
+@pytest.mark.mount
 @pytest.mark.parametrize(
     "args",
     [

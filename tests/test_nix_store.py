@@ -173,7 +173,39 @@ def _poll(check: Callable[[], bool], what: str, deadline: float = GONE_DEADLINE)
 
 
 def _no_handles(m: util.Mount) -> None:
+    """No caller's handle open, and nothing in the store held by the daemon or its helper.
+
+    Nix finds GC roots in every process's descriptors: the walk-ahead helper
+    (walking the store paths after a walked one) and the read-ahead workers hold
+    theirs for a moment, and a collection run just then keeps that path.
+    """
     _poll(lambda: m.status()["handles"] == 0, "the daemon still holds handles")
+    _poll(lambda: not _holding(m), "the daemon or its helper still holds store paths")
+
+
+def _roots(path: Path) -> str:
+    """What Nix says keeps *path* alive (for a failure's message)."""
+    return "roots: " + _nix("--query", "--roots", str(path), check=False).stdout
+
+
+def _holding(m: util.Mount) -> list[str]:
+    """What the daemon and its walk-ahead helper hold open below SOURCE."""
+    inside = str(m.source) + "/"
+    pids = [m.pid, m.status().get("walk_ahead_pid")]
+    held = []
+    for pid in (p for p in pids if p):
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except FileNotFoundError:
+                continue
+            if target.startswith(inside):
+                held.append(target)
+    return held
 
 
 def _gone(p: Path) -> bool:
@@ -197,7 +229,9 @@ def test_walked_path_can_be_deleted_while_mounted(nix_store: Store, nix_mount: u
     fds = m.status()["fds"]
 
     r = nix_store.delete(path)
-    assert r.returncode == 0, f"the mount pinned a walked path:\n{r.stderr}"
+    assert r.returncode == 0, (
+        f"the mount pinned a walked path:\n{r.stderr}{_roots(path)}; held: {_holding(m)}"
+    )
     assert not path.exists()
     _poll(lambda: _gone(_through(m, path)), "the deleted path is still visible")
     with pytest.raises(FileNotFoundError):
@@ -235,7 +269,9 @@ def test_gc_collects_walked_paths(nix_store: Store, nix_mount: util.Mount) -> No
         assert _walk(_through(m, p))
     _no_handles(m)
     dead = {Path(line) for line in _nix("--gc", "--print-dead").stdout.split()}
-    assert set(paths) <= dead, "a walked path is kept alive by the mount"
+    assert set(paths) <= dead, "a walked path is kept alive: " + "".join(
+        _roots(p) for p in set(paths) - dead
+    )
     if dead <= set(nix_store.added):
         out = _nix("--gc").stdout  # only our own paths are dead: collect for real
         print(f"nix-store --gc while mounted: {out.strip()}")

@@ -121,8 +121,7 @@ class FloorOperations(pyfuse3.Operations):
         self.uid = uid
         #: Touch SOURCE as a passthrough must (see --passthrough); the snapshot only names.
         self.passthrough = passthrough
-        self.dir_fds: dict[int, int] = {}  # passthrough: directory handle -> descriptor
-        self._dir_inode: dict[int, int] = {}  # passthrough: directory handle -> inode
+        self.dirs: dict[int, tuple[int, int]] = {}  # passthrough: handle -> (descriptor, inode)
         self._dir_handles = itertools.count(1)
         self.fds: dict[int, int] = {}  # inode -> cached read-only descriptor
         self.calls: collections.Counter[str] = collections.Counter()  # requests by type
@@ -186,18 +185,18 @@ class FloorOperations(pyfuse3.Operations):
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         fh = next(self._dir_handles)
-        self.dir_fds[fh] = fd
-        self._dir_inode[fh] = inode
+        self.dirs[fh] = (fd, inode)
         return FileHandleT(fh)
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.calls["readdir"] += 1
         if self.passthrough:
+            fd, inode = self.dirs[fh]
             if start_id == 0:  # read the directory once, as a passthrough must
-                with os.scandir(self.dir_fds[fh]) as it:
+                with os.scandir(fd) as it:
                     for _ in it:
                         pass
-            fh = FileHandleT(self._dir_inode[fh])
+            fh = FileHandleT(inode)
         names = self._node(fh).names or []
         nodes = self.nodes
         for i in range(start_id, len(names)):
@@ -210,8 +209,7 @@ class FloorOperations(pyfuse3.Operations):
     async def releasedir(self, fh: FileHandleT) -> None:
         self.calls["releasedir"] += 1
         if self.passthrough:
-            self._dir_inode.pop(fh, None)
-            os.close(self.dir_fds.pop(fh))
+            os.close(self.dirs.pop(fh)[0])
 
     async def open(
         self, inode: InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext

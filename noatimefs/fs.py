@@ -364,9 +364,10 @@ class NoatimeFS(pyfuse3.Operations):
 
         The kept listing holds SOURCE's names as of now, with the attributes it
         was made (or an event relisted the name) with: what a readdirplus of it
-        would send, no older. No system call, but one for a directory: whether
-        SOURCE still holds it in memory (:meth:`Source.open_cached`), which a
-        lookup from SOURCE tells for the walk ahead (see :meth:`lookup`).
+        would send, no older. No system call, but two for a directory
+        (:meth:`Source.in_memory`: an ``openat2`` and its ``close``): whether
+        SOURCE still holds it in memory, which a lookup from SOURCE tells for the
+        walk ahead (see :meth:`_lookup_top`).
         """
         self.stats.lookups_kept += 1
         attr = self._answer_listed(root, name, kept)

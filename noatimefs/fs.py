@@ -473,18 +473,16 @@ class NoatimeFS(pyfuse3.Operations):
             decision = policy.decide_open(flags, ctx.uid, st.st_uid, self.daemon_uid)
             if not self._may(decision.required, st, ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
-            # O_NONBLOCK off again. It would change nothing for a regular file on most
-            # filesystems (open(2)), but a FUSE filesystem as SOURCE sees it in each read.
-            status_flags = os.O_RDONLY
             if decision.noatime is policy.Noatime.KEPT:
-                status_flags |= os.O_NOATIME
                 self.stats.kept(ctx.pid)
                 node.view.noatime_kept += 1
             elif decision.noatime is policy.Noatime.DROPPED:
                 self.stats.dropped(ctx.pid, ctx.uid, node.path(), st.st_uid)
                 node.view.noatime_dropped += 1
-            with _errors():
-                fcntl.fcntl(fd, fcntl.F_SETFL, status_flags)
+            status_flags = policy.status_flags(decision.noatime, self.source.is_local(st.st_dev))
+            if status_flags is not None:
+                with _errors():
+                    fcntl.fcntl(fd, fcntl.F_SETFL, status_flags)
         except BaseException:
             os.close(fd)
             raise

@@ -252,6 +252,20 @@ def decide_open(flags: int, caller_uid: int, file_uid: int, daemon_uid: int) -> 
     return _DECISIONS[Noatime.DROPPED, required]
 
 
+def status_flags(noatime: Noatime, reads_ignore_nonblock: bool) -> int | None:
+    """The status flags to set (``F_SETFL``) on the daemon's backing descriptor of an
+    open, opened ``O_RDONLY | O_NONBLOCK``; None when it may stay as it is.
+
+    ``O_NONBLOCK`` is there only so that the open itself never waits (on a FIFO
+    put where the file was). It changes nothing for a regular file's reads on a
+    filesystem whose reads ignore it, and is cleared elsewhere (a FUSE
+    filesystem as SOURCE sees it in each read). ``O_NOATIME`` is set when kept.
+    """
+    if noatime is Noatime.KEPT:
+        return os.O_RDONLY | os.O_NOATIME
+    return None if reads_ignore_nonblock else os.O_RDONLY
+
+
 #: Every decision :func:`decide_open` can make, made once (an open is a hot path).
 _DECISIONS = {
     (noatime, required): OpenDecision(

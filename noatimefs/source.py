@@ -18,6 +18,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from noatimefs import mountinfo
+
 _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -29,6 +31,14 @@ _EAGAIN_RETRIES = 3
 COLD = -errno.EAGAIN  # open_cached: resolving it would read the disk
 #: Paths at least this long are resolved in pieces: one openat2 takes at most PATH_MAX (4096).
 _CHUNK = 3072
+
+#: Filesystems this kernel keeps itself, on a disk or in memory, where a regular
+#: file's ``read`` ignores ``O_NONBLOCK``, which a network or FUSE filesystem does not
+#: promise (a FUSE server sees it in each read). overlay is not one: it hands the
+#: question to its layers, which may be anything.
+LOCAL_FILESYSTEMS = frozenset(
+    ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "squashfs", "erofs")
+)
 
 
 class _OpenHow(ctypes.Structure):
@@ -83,6 +93,7 @@ class Source:
         self.path = path
         self.root_fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._can_ask_cached = True
+        self._local: dict[int, bool] = {}
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -152,8 +163,26 @@ class Source:
                 continue
         return openat2(dirfd, relpath, flags)
 
+    def is_local(self, dev: int) -> bool:
+        """Whether the files of device *dev* (an ``st_dev``) are on one of
+        :data:`LOCAL_FILESYSTEMS`. Asked on every open: mountinfo is read once per
+        device. A device mountinfo does not name (a btrfs subvolume's) is not."""
+        local = self._local.get(dev)
+        if local is None:
+            local = self._local[dev] = _fstype(dev) in LOCAL_FILESYSTEMS
+        return local
+
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_fd)
+
+
+def _fstype(dev: int) -> str | None:
+    """The type of the filesystem mounted from device *dev*, None if none is mounted."""
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    for entry in mountinfo.read():
+        if entry.device == device:
+            return entry.fstype
+    return None
 
 
 # -- incarnations -----------------------------------------------------------

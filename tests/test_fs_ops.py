@@ -112,7 +112,10 @@ def test_open_read_release_and_noatime_counters(ops: NoatimeFS) -> None:
     node = lookup(ops, "pkg/data").st_ino
     user = Ctx(uid=65534, gid=65534)
     info = run(ops.open, node, os.O_RDONLY | os.O_NOATIME, user)
-    assert not fcntl.fcntl(info.fh, fcntl.F_GETFL) & (os.O_NOATIME | os.O_NONBLOCK)
+    flags = fcntl.fcntl(info.fh, fcntl.F_GETFL)
+    assert not flags & os.O_NOATIME
+    # Opened O_NONBLOCK (a FIFO must not stall the open); left so where reads ignore it
+    assert bool(flags & os.O_NONBLOCK) is ops.source.is_local(os.fstat(info.fh).st_dev)
     assert run(ops.read, info.fh, 0, 12) == b"store bytes\n"
     assert run(ops.read, info.fh, 1200 - 5, 100) == b"ytes\n"  # short at EOF
     run(ops.release, info.fh)
@@ -124,6 +127,29 @@ def test_open_read_release_and_noatime_counters(ops: NoatimeFS) -> None:
     run(ops.release, info.fh)
     assert (ops.stats.noatime_dropped, ops.stats.noatime_kept) == (1, 1)
     assert not ops.files
+
+
+def test_open_clears_nonblock_where_reads_would_see_it(
+    ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SOURCE on a filesystem not known to ignore O_NONBLOCK in reads (FUSE, NFS, 9p)."""
+    assert ops.source.is_local(os.stat(ops.source.root_fd).st_dev)  # ext4, xfs, btrfs, tmpfs
+    monkeypatch.setattr(ops.source, "is_local", lambda dev: False)
+    info = run(ops.open, lookup(ops, "pkg/data").st_ino, os.O_RDONLY, Ctx(uid=65534, gid=65534))
+    assert not fcntl.fcntl(info.fh, fcntl.F_GETFL) & os.O_NONBLOCK
+    assert run(ops.read, info.fh, 0, 5) == b"store"
+    run(ops.release, info.fh)
+
+
+@pytest.mark.parametrize(("path", "local"), [("/dev/shm", True), ("/proc", False), ("/sys", False)])
+def test_source_tells_local_filesystems_by_device(path: str, local: bool) -> None:
+    src = Source("/")
+    try:
+        assert src.is_local(os.stat(path).st_dev) is local  # tmpfs; proc and sysfs
+        assert src.is_local(os.stat(path).st_dev) is local  # (kept)
+        assert not src.is_local(os.makedev(4095, 1_048_575))  # mounted nowhere
+    finally:
+        src.close()
 
 
 def test_open_rechecks_real_access(ops: NoatimeFS) -> None:

@@ -269,6 +269,23 @@ def test_decide_open_strips_other_flags() -> None:
     assert policy.decide_open(flags, 0, 0, 0).flags == os.O_RDONLY | os.O_CLOEXEC
 
 
+@pytest.mark.parametrize(
+    ("noatime", "reads_ignore_nonblock", "expected"),
+    [
+        (Noatime.KEPT, True, os.O_RDONLY | os.O_NOATIME),
+        (Noatime.KEPT, False, os.O_RDONLY | os.O_NOATIME),
+        (Noatime.DROPPED, True, None),
+        (Noatime.ABSENT, True, None),
+        (Noatime.DROPPED, False, os.O_RDONLY),
+        (Noatime.ABSENT, False, os.O_RDONLY),
+    ],
+)
+def test_status_flags_clear_nonblock_only_where_reads_see_it(
+    noatime: Noatime, reads_ignore_nonblock: bool, expected: int | None
+) -> None:
+    assert policy.status_flags(noatime, reads_ignore_nonblock) == expected
+
+
 def test_exec_open_requires_x() -> None:
     assert policy.decide_open(os.O_RDONLY | policy.FMODE_EXEC, 1, 0, 0).required == policy.X_OK
     assert policy.decide_open(os.O_RDONLY, 1, 0, 0).required == policy.R_OK

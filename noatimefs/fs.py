@@ -67,7 +67,7 @@ import trio
 from noatimefs import kernelcache, listing, loop, policy, procinfo, replyflags
 from noatimefs.consumers import consumer_for_uid
 from noatimefs.dircache import DirCache
-from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
+from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node, clock
 from noatimefs.readahead import MAX_FILE, ReadAhead, siblings
 from noatimefs.source import (
     COLD,
@@ -240,17 +240,31 @@ class NoatimeFS(pyfuse3.Operations):
         attr.st_uid, attr.st_gid, attr.st_mode = presented
         return attr
 
-    @staticmethod
-    def _check(node: Node, fd: int) -> os.stat_result:
+    def _check(self, node: Node, fd: int) -> os.stat_result:
         """``fstat`` of *fd*, opened by *node*'s path; ``ESTALE`` (fd closed) if not *node*'s file.
 
-        The incarnation is compared too (one more system call), where *node* has one.
+        The incarnation is compared too (one more system call), where *node* has one
+        and is not settled (:mod:`noatimefs.inodes`, "Settled files").
         """
         st = os.fstat(fd)
-        if not node.is_backed_by(st, incarnation(fd) if node.key[2] is not None else None):
+        if node.is_settled_as(st):
+            return st
+        if node.key[2] is None:
+            backed = node.is_backed_by(st, None)
+        else:
+            alive_at = clock()  # *fd* holds the file
+            backed = node.is_backed_by(st, incarnation(fd))
+            if backed:
+                self._seen(node, st, alive_at)
+        if not backed:
             os.close(fd)
             raise _stale()
         return st
+
+    def _seen(self, node: Node, st: os.stat_result, alive_at: int) -> None:
+        """*node*'s incarnation was just seen to match in *st*'s file, held at *alive_at*."""
+        if self.source.is_local(st.st_dev):
+            node.seen(st.st_ctime_ns, alive_at)
 
     def _open_dir(self, node: Node) -> tuple[int, os.stat_result]:
         """An ``O_PATH`` descriptor on directory *node* below the top, checked to still be
@@ -323,6 +337,7 @@ class NoatimeFS(pyfuse3.Operations):
                 listed = self._current_listing(parent, dir_st)
                 if listed is None or not _answers(listed, name):
                     listed = None
+                    alive_at = clock()
                     st, inc = identify(fd, name)
             finally:
                 os.close(fd)
@@ -330,7 +345,10 @@ class NoatimeFS(pyfuse3.Operations):
             self.stats.lookups_listed += 1
             attr = self._answer_listed(parent, name, listed)
         else:
-            attr = self._entry(self.inodes.remember(parent, name, st, inc), st)
+            node = self.inodes.remember(parent, name, st, inc)
+            if inc is not None:
+                self._seen(node, st, alive_at)
+            attr = self._entry(node, st)
         if self._enters_cold_path(parent):
             # Walk it ahead now, not at the store path's own lookup: a caller that only
             # stats store paths would wait for the helper's disk reads, never needed.
@@ -342,9 +360,12 @@ class NoatimeFS(pyfuse3.Operations):
         with _errors():
             # A store path SOURCE no longer holds in memory: what follows it will be
             # cold too. One held is identified through the descriptor that told so.
+            alive_at = clock()
             fd = self.source.open_cached(name)
             st, inc = identify_open(fd) if fd >= 0 else identify(self.source.root_fd, name)
         node = self.inodes.remember(root, name, st, inc)
+        if inc is not None:
+            self._seen(node, st, alive_at)
         if fd == COLD and stat.S_ISDIR(st.st_mode):
             self._remember_cold_path(name)
         return self._entry(node, st)

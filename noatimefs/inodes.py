@@ -40,6 +40,21 @@ old node's requests go to the old name (gone, or another identity there:
 remembers it; looked up again after that, it gets its preferred id if free.
 Spill ids are never reused.
 
+Settled files
+-------------
+Asking for the incarnation is one more system call on every open, getattr
+and opendir. It is skipped for a file found with the ctime it had when its
+incarnation was last seen to match, if that ctime was *settled* then: at
+least :data:`SETTLE_NS` older than the kernel's coarse clock read while the
+file was held (:func:`settled`). A file that reuses the number was made after
+the old one was gone, so after that clock reading, and its ctime is at least
+that reading less the filesystem's timestamp granularity (at most 2 s):
+newer than the settled ctime, which it cannot equal. This holds only where
+this kernel's clock stamps the ctime (:data:`noatimefs.source.LOCAL_FILESYSTEMS`)
+and the clock is not set back past it; elsewhere the incarnation is always
+asked. A store's files settle two seconds after they are made; a new or just
+changed file is checked in full.
+
 Without a handle
 ----------------
 Where the filesystem gives none (``EOPNOTSUPP``: kernels before 6.7 on a
@@ -71,6 +86,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
@@ -87,6 +103,23 @@ _SPILL_BASE = 1 << 63
 
 #: A backing file: ``(st_dev, st_ino, incarnation)`` (see the module docstring).
 Identity = tuple[int, int, "bytes | None"]
+
+#: How much older than the clock a ctime must be to be settled: the coarsest timestamp
+#: granularity of the local filesystems (FAT's 2 s; ext4, xfs, btrfs, tmpfs: 1 ns or 1 s).
+SETTLE_NS = 2_000_000_000
+_CLOCK_REALTIME_COARSE = 5  # the clock file times are taken from (Linux; not in os or time)
+
+
+def clock() -> int:
+    """The kernel's coarse real-time clock, in ns: what a file's ctime is stamped from."""
+    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+
+
+def settled(ctime_ns: int, alive_at: int) -> bool:
+    """Whether a file with ctime *ctime_ns*, known to exist at :func:`clock` *alive_at*,
+    can be told from every later file with its inode number by the ctime alone
+    (module docstring, "Settled files")."""
+    return ctime_ns <= alive_at - SETTLE_NS
 
 
 def identity(st: os.stat_result, incarnation: bytes | None) -> Identity:
@@ -106,6 +139,7 @@ class Node:
         "opens",
         "view",
         "cached",
+        "settled",
     )
 
     def __init__(
@@ -130,6 +164,8 @@ class Node:
         self.view = view  # the presentation this node belongs to (views.py)
         #: A directory: what the kernel holds of its listing (kernelcache).
         self.cached: Cached = Copy.UNKNOWN
+        #: The settled ctime its incarnation was last seen with, or None (module docstring).
+        self.settled: int | None = None
 
     def path(self) -> bytes:
         """The path relative to SOURCE this node was last seen under (``b""``: a root).
@@ -147,6 +183,18 @@ class Node:
     def is_backed_by(self, st: os.stat_result, incarnation: bytes | None) -> bool:
         """Whether a file found by path (its stat and incarnation) is this node's."""
         return (st.st_dev, st.st_ino, incarnation) == self.key
+
+    def is_settled_as(self, st: os.stat_result) -> bool:
+        """Whether a file found by path is this node's without asking its incarnation: its
+        inode number, with the settled ctime (module docstring, "Settled files")."""
+        return (
+            st.st_ctime_ns == self.settled and st.st_ino == self.key[1] and st.st_dev == self.key[0]
+        )
+
+    def seen(self, ctime_ns: int, alive_at: int) -> None:
+        """This node's incarnation was just seen to match, with *ctime_ns*, in a file held at
+        :func:`clock` *alive_at*, on a filesystem whose ctimes this kernel stamps."""
+        self.settled = ctime_ns if settled(ctime_ns, alive_at) else None
 
 
 class InodeTable:

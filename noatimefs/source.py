@@ -32,10 +32,12 @@ COLD = -errno.EAGAIN  # open_cached: resolving it would read the disk
 #: Paths at least this long are resolved in pieces: one openat2 takes at most PATH_MAX (4096).
 _CHUNK = 3072
 
-#: Filesystems this kernel keeps itself, on a disk or in memory, where a regular
-#: file's ``read`` ignores ``O_NONBLOCK``, which a network or FUSE filesystem does not
-#: promise (a FUSE server sees it in each read). overlay is not one: it hands the
-#: question to its layers, which may be anything.
+#: Filesystems this kernel keeps itself, on a disk or in memory, where two things hold
+#: that a network or FUSE filesystem does not promise: a regular file's ``read``
+#: ignores ``O_NONBLOCK`` (a FUSE server sees it in each read), and a file's ctime is
+#: this kernel's clock at its last change (:func:`noatimefs.inodes.settled`). squashfs
+#: and erofs are read-only: no file there ever changes or reuses a number. overlay is
+#: not one: it hands both questions to its layers, which may be anything.
 LOCAL_FILESYSTEMS = frozenset(
     ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "squashfs", "erofs")
 )

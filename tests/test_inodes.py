@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -12,7 +13,7 @@ import trio
 
 import noatimefs.fs as fsmod
 from noatimefs import policy
-from noatimefs.inodes import ROOT_ID, Identity, InodeTable, Node
+from noatimefs.inodes import ROOT_ID, SETTLE_NS, Identity, InodeTable, Node, clock, settled
 from noatimefs.source import Source, identify, incarnation
 from noatimefs.views import View
 
@@ -244,6 +245,116 @@ def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
         else:
             assert (b, b_gen) == (a, a_gen + 1)  # the same node, a new generation
             assert ops.inodes.get(a).name == b"b"
+
+    try:
+        trio.run(main)
+    finally:
+        ops.close()
+        source.close()
+
+
+# -- settled files: the incarnation not asked again ---------------------------
+
+
+def test_settled_needs_a_ctime_two_seconds_older_than_the_clock() -> None:
+    now = 1_700_000_000_000_000_000
+    assert settled(now - SETTLE_NS, now)
+    assert settled(now - 3 * SETTLE_NS, now)
+    assert not settled(now - SETTLE_NS + 1, now)
+    assert not settled(now, now)
+    assert not settled(now + SETTLE_NS, now)  # a ctime in the future (a clock set back)
+
+
+def _stat(ino: int, device: int, ctime_ns: int) -> os.stat_result:
+    return os.stat_result((REG, ino, device, 1, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, ctime_ns))
+
+
+def test_a_node_is_settled_as_its_number_with_the_settled_ctime(table: InodeTable) -> None:
+    node = remember(table, b"f", (dev(table), 3, b"x"), REG, ctime=5)
+    st = _stat(3, dev(table), 5)
+    assert not node.is_settled_as(st)  # never seen yet
+    node.seen(5, 5 + SETTLE_NS - 1)
+    assert not node.is_settled_as(st)  # seen, but too recent a ctime
+    node.seen(5, 5 + SETTLE_NS)
+    assert node.is_settled_as(st)
+    others = (_stat(3, dev(table), 6), _stat(4, dev(table), 5), _stat(3, dev(table) + 1, 5))
+    assert not any(map(node.is_settled_as, others))  # another ctime, number or device
+
+
+def _reuse_dir_number(d: Path, old: str, tries: int = 300) -> bool:
+    """Replace directory *old* by a new one that got its inode number; whether one did."""
+    ino = (d / old).stat().st_ino
+    (d / old).rmdir()
+    made = []
+    for i in range(tries):
+        made.append(d / f"candidate{i}")
+        made[-1].mkdir()
+        if made[-1].stat().st_ino == ino:
+            made.pop().rename(d / old)
+            break
+    for m in made:
+        m.rmdir()
+    return (d / old).exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_settled_file_is_not_asked_its_incarnation_but_a_recycled_number_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """In the daemon: the clock moved on (patched), so the file is settled; its
+    replacement under the same inode number has another ctime and is caught. (For a
+    file a new ctime alone means ESTALE; a directory's changes with its entries.)"""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    if kind == "dir":
+        (src / "d" / "a").mkdir()
+    else:
+        (src / "d" / "a").write_bytes(b"old")
+    asked: list[int] = []
+
+    def counted(fd: int, name: bytes = b"") -> bytes | None:
+        asked.append(fd)
+        return incarnation(fd, name)
+
+    later = clock() + 10 * SETTLE_NS
+    monkeypatch.setattr(fsmod, "clock", lambda: later)
+    monkeypatch.setattr(fsmod, "incarnation", counted)
+    source = Source(str(src))
+    ops = fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0}), 0), daemon_uid=0)
+
+    class Ctx:
+        uid = gid = 0
+        pid = os.getpid()
+        umask = 0o022
+
+    async def open_close(node_id: int) -> None:
+        if kind == "dir":
+            fh = await ops.opendir(node_id, Ctx())  # type: ignore[arg-type]
+            await ops.releasedir(fh)
+        else:
+            info = await ops.open(node_id, os.O_RDONLY, Ctx())  # type: ignore[arg-type]
+            await ops.release(info.fh)
+
+    async def main() -> None:
+        d = (await ops.lookup(ROOT_ID, b"d", Ctx())).st_ino  # type: ignore[arg-type]
+        a = (await ops.lookup(d, b"a", Ctx())).st_ino  # type: ignore[arg-type]
+        if ops.inodes.get(a).key[2] is None:
+            pytest.skip("this filesystem gives no file handles")
+        assert ops.inodes.get(a).settled == (src / "d" / "a").stat().st_ctime_ns
+        asked.clear()
+        for _ in range(3):
+            await open_close(a)
+        assert asked == []  # checked by inode number and settled ctime alone
+        if kind == "dir":
+            reused = _reuse_dir_number(src / "d", "a")
+        elif reused := _reuse_number(src / "d", "a", "a.new"):
+            os.rename(src / "d" / "a.new", src / "d" / "a")  # where the old one was
+        if not reused:
+            pytest.skip("this filesystem did not reuse the inode number")
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await open_close(a)
+        assert err.value.errno == errno.ESTALE
+        assert len(asked) == 1
 
     try:
         trio.run(main)

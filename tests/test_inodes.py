@@ -345,6 +345,7 @@ def test_a_settled_file_is_not_asked_its_incarnation_but_a_recycled_number_is_st
         for _ in range(3):
             await open_close(a)
         assert asked == []  # checked by inode number and settled ctime alone
+        assert ops.stats.checks_settled == 1 + 3  # d, at the lookup of a in it; a three times
         if kind == "dir":
             reused = _reuse_dir_number(src / "d", "a")
         elif reused := _reuse_number(src / "d", "a", "a.new"):

@@ -18,6 +18,11 @@ saying so. Each round:
    prober still asks (every request the kernel had in flight when the daemon
    answered the lookup is one more chance for a wrong answer).
 
+In the *settled* variant every round's old file is made before the mount and
+has aged past :data:`noatimefs.inodes.SETTLE_NS` before the reader looks it up,
+so the daemon checks it by inode number and ctime alone (no file handle) until
+the new file comes: then the new ctime must send it to the full check.
+
 Every answer the prober gets for what it holds must be the old file's content,
 or the new file's when the new one took the old *name* and the prober asks by
 name, or an error (``ENOENT``, ``ESTALE``, ``EIO``); never the other file's,
@@ -32,6 +37,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +45,8 @@ from pathlib import Path
 
 import pytest
 import util
+
+from noatimefs.inodes import SETTLE_NS, clock
 
 pytestmark = pytest.mark.mount
 
@@ -181,11 +189,13 @@ class Prober(threading.Thread):
             self.answers.append((self.looked_up.is_set(), answer(self.ask)))
 
 
-def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
+def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally, made: bool = False) -> None:
+    """One round; *made*: the old file is there already (the settled variant)."""
     d, md = src / "d", mnt / "d"
     same_name = r % 2 == 1
     old, new = f"o{r}", (f"o{r}" if same_name else f"n{r}")
-    make(kind, d / old, f"A{r}")
+    if not made:
+        make(kind, d / old, f"A{r}")
     ino = os.lstat(d / old).st_ino
     # 1. the reader caches the old file
     held: int | None = None
@@ -194,6 +204,8 @@ def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
         held = os.open(md / old, os.O_PATH | os.O_NOFOLLOW)
     elif kind == "file":
         os.stat(md / old)  # the name and inode cached, not the pages: a read goes to the daemon
+        if made:
+            os.close(os.open(md / old, os.O_RDONLY))  # an open checks it (settled: no handle)
     else:
         # The name and inode cached, nothing held open: a directory open through the
         # mount is open in the daemon too, which keeps SOURCE's directory (and its
@@ -240,14 +252,27 @@ def one_round(kind: str, src: Path, mnt: Path, r: int, tally: Tally) -> None:
             tally.wrong.append(f"{kind} round {r}: held {old}, same name {same_name}: {got!r:.80}")
 
 
-def run_rounds(fs_src: tuple[str, Path], kind: str, timeout: str | None, rounds: int) -> None:
+def _wait_settled(path: Path) -> None:
+    """Until *path*'s ctime is settled by the kernel's clock (at most 2 s from now)."""
+    settled_at = os.lstat(path).st_ctime_ns + SETTLE_NS
+    while clock() < settled_at:
+        time.sleep((settled_at - clock()) / 1e9 + 0.01)  # time itself is the condition
+
+
+def run_rounds(
+    fs_src: tuple[str, Path], kind: str, timeout: str | None, rounds: int, settled: bool = False
+) -> None:
     fstype, src = fs_src
     (src / "d").mkdir()
     args = ("--timeout", timeout) if timeout else ()
     tally = Tally()
+    if settled:
+        for r in range(rounds):
+            make(kind, src / "d" / f"o{r}", f"A{r}")
+        _wait_settled(src / "d" / f"o{rounds - 1}")
     with util.mounted(src, None, *args) as m:
         for r in range(rounds):
-            one_round(kind, src, m.path, r, tally)
+            one_round(kind, src, m.path, r, tally, made=settled)
             if r == 9 and tally.recycled == 0:
                 break  # this filesystem does not reuse numbers: nothing to test
         assert m.proc.poll() is None, "the daemon died:\n" + m.describe()
@@ -256,6 +281,8 @@ def run_rounds(fs_src: tuple[str, Path], kind: str, timeout: str | None, rounds:
         "fs": fstype,
         "kind": kind,
         "timeout": timeout or "default",
+        "settled": settled,
+        "settled checks": status["checks_settled"],
         "rounds": tally.rounds,
         "recycled": tally.recycled,
         "probes": tally.probes,
@@ -269,6 +296,8 @@ def run_rounds(fs_src: tuple[str, Path], kind: str, timeout: str | None, rounds:
     assert not tally.wrong, f"{len(tally.wrong)} wrong answers:\n" + "\n".join(tally.wrong[:20])
     if tally.recycled == 0:
         pytest.skip(f"{fstype} never gave a new file a freed inode number: nothing was tested")
+    if settled:  # each round's old file was checked at least once without its handle
+        assert status["checks_settled"] >= tally.rounds, "the settled path was not tested"
 
 
 @pytest.mark.parametrize("timeout", [None, "0"], ids=["cached", "timeout0"])
@@ -277,6 +306,14 @@ def test_recycled_number_never_answers_for_the_old_file(
     fs_src: tuple[str, Path], kind: str, timeout: str | None
 ) -> None:
     run_rounds(fs_src, kind, timeout, ROUNDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recycled_number_of_a_settled_file_never_answers_for_the_old_file(
+    fs_src: tuple[str, Path], kind: str
+) -> None:
+    """The old file checked without its handle (settled) until the new one comes."""
+    run_rounds(fs_src, kind, None, ROUNDS, settled=True)
 
 
 @pytest.mark.slow

@@ -196,6 +196,20 @@ def _reuse_number(d: Path, old: str, new: str) -> bool:
     return (d / new).stat().st_ino == ino
 
 
+class _Root:
+    """A request's context: root, in this process."""
+
+    uid = gid = 0
+    pid = os.getpid()
+    umask = 0o022
+
+
+def _daemon(src: Path) -> tuple[Source, fsmod.NoatimeFS]:
+    """SOURCE *src* and a daemon over it, presented to root (close both)."""
+    source = Source(str(src))
+    return source, fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0}), 0), daemon_uid=0)
+
+
 def _identify_without_handle(fd: int) -> tuple[os.stat_result, None]:
     try:
         return os.fstat(fd), None
@@ -218,16 +232,10 @@ def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "a").write_bytes(b"old")
-    source = Source(str(src))
-    ops = fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0}), 0), daemon_uid=0)
-
-    class Ctx:
-        uid = gid = 0
-        pid = os.getpid()
-        umask = 0o022
+    source, ops = _daemon(src)
 
     async def lookup(parent: int, name: bytes) -> tuple[int, int]:
-        attr = await ops.lookup(parent, name, Ctx())  # type: ignore[arg-type]
+        attr = await ops.lookup(parent, name, _Root())  # type: ignore[arg-type]
         return attr.st_ino, attr.generation
 
     async def main() -> None:
@@ -241,7 +249,7 @@ def test_daemon_gives_a_recycled_number_another_node_or_a_new_generation(
             assert b != a  # another node: the old one still answers for a, gone
             assert ops.inodes.get(a).name == b"a"
             with pytest.raises(pyfuse3.FUSEError):
-                await ops.getattr(a, Ctx())  # type: ignore[arg-type]
+                await ops.getattr(a, _Root())  # type: ignore[arg-type]
         else:
             assert (b, b_gen) == (a, a_gen + 1)  # the same node, a new generation
             assert ops.inodes.get(a).name == b"b"
@@ -319,25 +327,19 @@ def test_a_settled_file_is_not_asked_its_incarnation_but_a_recycled_number_is_st
     later = clock() + 10 * SETTLE_NS
     monkeypatch.setattr(fsmod, "clock", lambda: later)
     monkeypatch.setattr(fsmod, "incarnation", counted)
-    source = Source(str(src))
-    ops = fsmod.NoatimeFS(source, policy.Consumer(0, frozenset({0}), 0), daemon_uid=0)
-
-    class Ctx:
-        uid = gid = 0
-        pid = os.getpid()
-        umask = 0o022
+    source, ops = _daemon(src)
 
     async def open_close(node_id: int) -> None:
         if kind == "dir":
-            fh = await ops.opendir(node_id, Ctx())  # type: ignore[arg-type]
+            fh = await ops.opendir(node_id, _Root())  # type: ignore[arg-type]
             await ops.releasedir(fh)
         else:
-            info = await ops.open(node_id, os.O_RDONLY, Ctx())  # type: ignore[arg-type]
+            info = await ops.open(node_id, os.O_RDONLY, _Root())  # type: ignore[arg-type]
             await ops.release(info.fh)
 
     async def main() -> None:
-        d = (await ops.lookup(ROOT_ID, b"d", Ctx())).st_ino  # type: ignore[arg-type]
-        a = (await ops.lookup(d, b"a", Ctx())).st_ino  # type: ignore[arg-type]
+        d = (await ops.lookup(ROOT_ID, b"d", _Root())).st_ino  # type: ignore[arg-type]
+        a = (await ops.lookup(d, b"a", _Root())).st_ino  # type: ignore[arg-type]
         if ops.inodes.get(a).key[2] is None:
             pytest.skip("this filesystem gives no file handles")
         assert ops.inodes.get(a).settled == (src / "d" / "a").stat().st_ctime_ns

@@ -42,8 +42,8 @@ Spill ids are never reused.
 
 Settled files
 -------------
-Asking for the incarnation is one more system call on every open, getattr
-and opendir. It is skipped for a file found with the ctime it had when its
+Asking for the incarnation is one more system call on every open, getattr,
+opendir and readlink. It is skipped for a file found with the ctime it had when its
 incarnation was last seen to match, if that ctime was *settled* then: at
 least :data:`SETTLE_NS` older than the kernel's coarse clock read while the
 file was held (:func:`settled`). A file that reuses the number was made after

@@ -95,7 +95,10 @@ class Source:
         self.path = path
         self.root_fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._can_ask_cached = True
-        self._local: dict[int, bool] = {}
+        # SOURCE's own device told by its mount, which names it even where mountinfo's
+        # device does not (a btrfs subvolume's st_dev is an anonymous device of its own).
+        root_dev = os.fstat(self.root_fd).st_dev
+        self._local = {root_dev: _mount_fstype(self.root_fd) in LOCAL_FILESYSTEMS}
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -168,7 +171,8 @@ class Source:
     def is_local(self, dev: int) -> bool:
         """Whether the files of device *dev* (an ``st_dev``) are on one of
         :data:`LOCAL_FILESYSTEMS`. Asked on every open: mountinfo is read once per
-        device. A device mountinfo does not name (a btrfs subvolume's) is not."""
+        device. SOURCE's root's device is told by its mount; another that mountinfo
+        does not name (a btrfs subvolume's below SOURCE) is not local."""
         local = self._local.get(dev)
         if local is None:
             local = self._local[dev] = _fstype(dev) in LOCAL_FILESYSTEMS
@@ -183,6 +187,20 @@ def _fstype(dev: int) -> str | None:
     device = f"{os.major(dev)}:{os.minor(dev)}"
     for entry in mountinfo.read():
         if entry.device == device:
+            return entry.fstype
+    return None
+
+
+def _mount_fstype(fd: int) -> str | None:
+    """The type of the filesystem of the mount *fd* is on (its ``mnt_id``), None if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            fields = dict(line.split(":", 1) for line in info if ":" in line)
+        mount_id = int(fields["mnt_id"])
+    except (OSError, KeyError, ValueError):
+        return None
+    for entry in mountinfo.read():
+        if entry.mount_id == mount_id:
             return entry.fstype
     return None
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import pytest
 import trio
+import util
 
 from noatimefs import fs as fs_module
 from noatimefs import listing, policy, replyflags, source
@@ -150,6 +151,18 @@ def test_source_tells_local_filesystems_by_device(path: str, local: bool) -> Non
         assert not src.is_local(os.makedev(4095, 1_048_575))  # mounted nowhere
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs", "tmpfs"])
+def test_source_tells_its_own_filesystem_local(fstype: str) -> None:
+    """Also btrfs, whose files' st_dev is a subvolume's device that mountinfo does not name."""
+    with util.world_tmpdir() as base, util.scratch_fs(base, fstype) as root:
+        (root / "sub").mkdir()
+        src = Source(str(root / "sub"))
+        try:
+            assert src.is_local(os.stat(root / "sub").st_dev)
+        finally:
+            src.close()
 
 
 def test_open_rechecks_real_access(ops: NoatimeFS) -> None:

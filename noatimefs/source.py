@@ -185,10 +185,7 @@ class Source:
 def _fstype(dev: int) -> str | None:
     """The type of the filesystem mounted from device *dev*, None if none is mounted."""
     device = f"{os.major(dev)}:{os.minor(dev)}"
-    for entry in mountinfo.read():
-        if entry.device == device:
-            return entry.fstype
-    return None
+    return next((e.fstype for e in mountinfo.read() if e.device == device), None)
 
 
 def _mount_fstype(fd: int) -> str | None:
@@ -199,10 +196,7 @@ def _mount_fstype(fd: int) -> str | None:
         mount_id = int(fields["mnt_id"])
     except (OSError, KeyError, ValueError):
         return None
-    for entry in mountinfo.read():
-        if entry.mount_id == mount_id:
-            return entry.fstype
-    return None
+    return next((e.fstype for e in mountinfo.read() if e.mount_id == mount_id), None)
 
 
 # -- incarnations -----------------------------------------------------------

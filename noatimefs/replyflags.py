@@ -1,4 +1,4 @@
-"""Open-reply flags pyfuse3 cannot set: the kernel's cache of directory listings.
+"""Reply fields pyfuse3 cannot set: the kernel's cache of directory listings, bare entries.
 
 The kernel can keep a FUSE directory's listing and serve ``getdents`` from it
 without asking the daemon (``FOPEN_CACHE_DIR``), also across opens
@@ -12,6 +12,10 @@ The handle bits are always safe to send: without the C module they reach the
 kernel as part of the handle, come back in READDIR and RELEASEDIR, and
 :func:`strip` removes them. :func:`inactive` tells the daemon that this
 happened, so it stops asking.
+
+The module also carries readdirplus entries without attributes ("bare", node
+id 0: :mod:`noatimefs.listing`). Those are *not* safe without it, so the daemon
+sends one only once :func:`carries_bare` has seen an entry go through the module.
 """
 
 from __future__ import annotations
@@ -61,6 +65,23 @@ def loaded() -> bool:
 def applied() -> int:
     """How many open replies the C module has flagged (0 if it is not loaded)."""
     return int(_module.applied()) if _module is not None else 0  # type: ignore[attr-defined]
+
+
+def entries() -> int:
+    """How many readdirplus entries went through the C module (0 if it is not loaded)."""
+    return int(_module.entries()) if _module is not None else 0  # type: ignore[attr-defined]
+
+
+def carries_bare() -> bool:
+    """Whether readdirplus entries go through the C module, which sends bare entries
+    (``noatimefs.listing``, "Bare entries"): once one has, every later one does."""
+    global _carries_bare
+    if not _carries_bare:
+        _carries_bare = entries() > 0
+    return _carries_bare
+
+
+_carries_bare = False
 
 
 def handle(fh: int, *, keep: bool) -> int:

@@ -2,15 +2,17 @@
 
 A walk of the store (``find``, ``tar`` of a closure, a VM's first boot) opens
 its directories one after the other. With SOURCE's caches cold each listing
-waits for the disk twice in the request loop: for the directory's blocks, and
-for the inode of every entry (readdirplus answers an ``lstat`` of each); and
+waits for the disk in the request loop: for the directory's inode and blocks,
+and, where the listing carries attributes, for the inode of every entry; and
 while the loop serves one directory, nothing asks the disk for the next.
 
 When the daemon lists a store path (a directory at SOURCE's top level) that
 its listing cache did not hold, it names it to a :class:`WalkAhead`, whose
 helper process walks that path's tree, and then the store paths after it,
-reading each directory and ``lstat``-ing each entry, up to :data:`AHEAD`
-entries past the named path. It walks in the order the daemon serves
+reading each directory, up to :data:`AHEAD` entries past the named path. Its
+files' inodes (an ``lstat`` of each) are read only when the daemon says callers
+stat them (:data:`INODES`: it lists with attributes, :mod:`noatimefs.listing`,
+"Bare entries"), and for a path named alone (below). It walks in the order the daemon serves
 listings, and so a walk of the mount visits them (:mod:`noatimefs.order`: by
 cookie, with the daemon's key), not in SOURCE's own order. By the time the walker asks
 for them, the daemon finds the blocks and inodes in memory. A new name the
@@ -83,6 +85,10 @@ DATA_AHEAD = 64 << 20
 _NICE = 5
 #: On the pipe, between names: callers are reading file data; warm it too for a while.
 DATA = b"/"
+#: On the pipe, between names: callers stat the files they list; warm their inodes too
+#: for a while (without it, a walk lists directories and ``lstat``-s none of their files:
+#: a bare listing needs no inode, see :mod:`noatimefs.listing`).
+INODES = b"//"
 
 
 class WalkAhead:
@@ -101,14 +107,23 @@ class WalkAhead:
         """The helper's pid, while it runs (its pipe is one of the daemon's descriptors)."""
         return self._helper.pid if self._helper is not None else None
 
-    def want(self, name: bytes, onward: bool = True, data: bool = False) -> None:
+    def want(
+        self, name: bytes, onward: bool = True, data: bool = False, inodes: bool = True
+    ) -> None:
         """Walk the store path *name* (an entry of SOURCE's top level), and, *onward*,
         the store paths served after it; *data*: read their small files ahead too,
-        from now on for a while."""
+        from now on for a while; *inodes*: their files' inodes too, for a while (a path
+        walked alone always has them read)."""
         if self._helper is None and not self._start():
             self.dropped += 1
             return
-        message = (DATA + b"\0" if data else b"") + (b"" if onward else b"/") + name + b"\0"
+        message = (
+            (DATA + b"\0" if data else b"")
+            + (INODES + b"\0" if inodes else b"")
+            + (b"" if onward else b"/")
+            + name
+            + b"\0"
+        )
         try:
             os.write(self._pipe, message)
         except BlockingIOError:
@@ -174,7 +189,8 @@ class Walker:
         self._top: list[bytes] = []
         self._top_index: dict[bytes, int] = {}
         self._top_at = -TOP_LEVEL_KEEP
-        self._walked: dict[bytes, tuple[float, int, bool]] = {}  # name -> (when, entries, data)
+        #: name -> (when, entries, whether with data, whether with inodes)
+        self._walked: dict[bytes, tuple[float, int, bool, bool]] = {}
         # The run: the top-level paths walked one after the other from index _run_first.
         # _ahead[k]: the entries walked from there up to (not with) the path at _run_first + k;
         # the next path to walk is at _run_first + len(_ahead) - 1.
@@ -184,14 +200,22 @@ class Walker:
         self._running = False  # whether the run goes on for the newest name
         self.cut = False  # the last walk stopped at its budget
         self._data_until = -1.0  # read small files ahead until then (monotonic)
+        self._inodes_until = -1.0  # lstat files until then (monotonic)
         self.data_left = 0  # bytes still to read ahead for the newest name
         self.listed = 0  # entries listed, over all walks
         self.read_ahead = 0  # files read ahead, over all walks
+        self.inodes_read = 0  # files lstat-ed, over all walks
 
     def read_data(self, seconds: float = TOP_LEVEL_KEEP) -> None:
         """From now on for *seconds*, walks read each small regular file ahead too."""
         self._data_until = time.monotonic() + seconds
         self._new_run(0)  # what the run walked, it walked without the data
+
+    def read_inodes(self, seconds: float = TOP_LEVEL_KEEP) -> None:
+        """From now on for *seconds*, walks ``lstat`` every file too."""
+        if time.monotonic() >= self._inodes_until:
+            self._new_run(0)  # what the run walked, it walked without the inodes
+        self._inodes_until = time.monotonic() + seconds
 
     def _open_dir(self, name: bytes, dir_fd: int) -> int:
         """Open the directory *name* in *dir_fd*: beneath it, through no symlink."""
@@ -252,7 +276,7 @@ class Walker:
         """Walk the next store path, at most *budget* entries: how many; None when none is left."""
         if self._alone is not None:
             name, self._alone = self._alone, None
-            return self.walk(name, budget)
+            return self.walk(name, budget, alone=True)
         index = self._run_first + len(self._ahead) - 1
         if not self._running or index >= len(self._top):
             return None
@@ -261,34 +285,42 @@ class Walker:
             self._ahead.append(self._ahead[-1] + count)
         return count
 
-    def walk(self, name: bytes, budget: int) -> int:
+    def walk(self, name: bytes, budget: int, alone: bool = False) -> int:
         """Warm the tree of the top-level entry *name*, at most *budget* entries; how many.
 
-        A tree walked in the last :data:`TOP_LEVEL_KEEP` seconds is not walked
-        again; it counts as many entries as it had.
+        Its files' inodes are read only for a path walked *alone* (its files are
+        opened by path next) or while :meth:`read_inodes` asks; their data while
+        :meth:`read_data` asks. A tree walked so in the last :data:`TOP_LEVEL_KEEP`
+        seconds is not walked again; it counts as many entries as it had.
         """
         now = time.monotonic()
         data = now < self._data_until
+        inodes = data or alone or now < self._inodes_until
         done = self._walked.get(name)
         self.cut = False
-        if done is not None and now - done[0] < TOP_LEVEL_KEEP and (done[2] or not data):
+        if (
+            done is not None
+            and now - done[0] < TOP_LEVEL_KEEP
+            and (done[2] or not data)
+            and (done[3] or not inodes)
+        ):
             return done[1]
         try:
             fd = self._open_dir(name, self.root_fd)
         except OSError:
             count = 1  # not a directory (or gone): nothing more to warm
         else:
-            left = self._walk_open(fd, budget, MAX_DEPTH, data)
+            left = self._walk_open(fd, budget, MAX_DEPTH, data, inodes)
             count = budget - left
             if left <= 0:
                 self.cut = True
                 return count  # cut short: walked again from the start when named again
         if len(self._walked) >= 100_000:
             self._walked.clear()
-        self._walked[name] = (now, count, data)
+        self._walked[name] = (now, count, data, inodes)
         return count
 
-    def _walk_open(self, fd: int, budget: int, depth: int, data: bool) -> int:
+    def _walk_open(self, fd: int, budget: int, depth: int, data: bool, inodes: bool) -> int:
         subdirs: list[bytes] = []
         try:
             with os.scandir(fd) as it:
@@ -301,7 +333,10 @@ class Walker:
                         if entry.is_dir(follow_symlinks=False):
                             subdirs.append(os.fsencode(entry.name))
                             continue
-                        st = entry.stat(follow_symlinks=False)  # the inode: readdirplus needs it
+                        if not inodes:
+                            continue
+                        st = entry.stat(follow_symlinks=False)  # the inode: a stat needs it
+                        self.inodes_read += 1
                         size = st.st_size
                         small = 0 < size <= min(MAX_FILE, self.data_left)
                         if data and small and stat.S_ISREG(st.st_mode):
@@ -312,7 +347,7 @@ class Walker:
                     break
                 try:
                     child = self._open_dir(sub, fd)
-                    budget = self._walk_open(child, budget, depth - 1, data)
+                    budget = self._walk_open(child, budget, depth - 1, data, inodes)
                 except OSError:
                     continue  # unreadable or gone: only a guess was lost
         finally:
@@ -332,7 +367,7 @@ class Walker:
                 done = will_need(path_fd, 0)
         finally:
             os.close(path_fd)
-        self.read_ahead += done
+        self.read_ahead += done >= 0
 
 
 def _names(pipe: int, pending: bytes) -> tuple[list[bytes], bytes, bool]:
@@ -362,7 +397,9 @@ def serve(walker: Walker, pipe: int) -> None:
         try:
             if DATA in names:
                 walker.read_data()
-                names = [name for name in names if name != DATA]
+            if INODES in names:
+                walker.read_inodes()
+            names = [name for name in names if name not in (DATA, INODES)]
             if names:
                 budget = walker.named(names[-1])
                 walker.data_left = DATA_AHEAD

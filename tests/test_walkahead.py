@@ -149,6 +149,29 @@ def test_walk_reads_small_files_ahead_only_while_callers_read_data(store: Store)
     assert walker.data_left == 0
 
 
+def test_walk_reads_files_inodes_only_alone_or_while_callers_stat_them(store: Store) -> None:
+    walker = Walker(store.fd)
+    assert walker.walk(b"p0", 100) == 6
+    assert walker.inodes_read == 0  # a walk of names: bare listings need no inode
+    assert walker.walk(b"p1", 100, alone=True) == 6
+    assert walker.inodes_read == 4  # a path opened by name next: lib/a, lib/b, bin/x, link
+    walker.read_inodes()
+    assert walker.walk(b"p0", 100) == 6  # walked again, for its inodes this time
+    assert walker.inodes_read == 8
+    assert walker.walk(b"p0", 100) == 6
+    assert walker.inodes_read == 8  # walked with its inodes: not again
+
+
+def test_serve_reads_inodes_once_told_callers_stat_files(store: Store) -> None:
+    walker = Walker(store.fd)
+    r, w = os.pipe()
+    os.write(w, walkahead.INODES + b"\0" + store.order[1] + b"\0")  # want(name, inodes=True)
+    os.close(w)
+    walkahead.serve(walker, r)
+    os.close(r)
+    assert walker.inodes_read == 4
+
+
 def test_serve_walks_from_the_newest_name_until_the_pipe_closes(
     store: Store,
 ) -> None:

@@ -133,8 +133,14 @@ class _errors:  # noqa: N801 (used as a function: ``with _errors():``)
 
 
 def _answers(listed: dict[bytes, listing.Entry], name: bytes) -> bool:
-    """Whether a current listing by name answers a lookup of *name* as SOURCE would."""
-    return len(name) <= _NAME_MAX or name in listed
+    """Whether a current listing by name answers a lookup of *name* as SOURCE would.
+
+    Not for a bare entry: its attributes are SOURCE's to tell (:mod:`noatimefs.listing`).
+    """
+    entry = listed.get(name)
+    if entry is None:
+        return len(name) <= _NAME_MAX
+    return not listing.is_bare(entry)
 
 
 def _stale() -> pyfuse3.FUSEError:
@@ -158,6 +164,7 @@ class _DirHandle:
     ctime_ns: int  # of the directory when it was opened
     entries: list[listing.Entry] | None = None  # listed at the first readdir
     kernel_cache: bool = False  # opened with FOPEN_CACHE_DIR: replies may fill the kernel's copy
+    attributes: bool = False  # opened by a thread that stats what it lists: list nothing bare
     #: With --per-user, the mount root's own listing: self and the views.
     root_entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
     root_st: os.stat_result | None = None  # SOURCE's root when that listing was made
@@ -165,6 +172,8 @@ class _DirHandle:
 
 #: How many store paths looked up cold are remembered until the caller goes into one.
 _COLD_PATHS_MAX = 4096
+#: How many threads that stat what they list are remembered (listing.py, "Bare entries").
+_STATTERS_MAX = 4096
 #: Linux's NAME_MAX. A listing cannot tell why it lacks a longer name: SOURCE answers it
 #: (``ENAMETOOLONG`` on most filesystems, where a listing would say ``ENOENT``).
 _NAME_MAX = 255
@@ -213,6 +222,7 @@ class NoatimeFS(pyfuse3.Operations):
         self._read_ahead_at: dict[Identity, float] = {}  # directory -> when
         self._data_walked = b""  # the store path last named to walk ahead with its data
         self._cold_paths: dict[bytes, None] = {}  # store paths looked up cold, not yet entered
+        self._statters: dict[int, None] = {}  # threads that looked up a name listed bare
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
@@ -336,6 +346,8 @@ class NoatimeFS(pyfuse3.Operations):
             fd, dir_st = self._open_dir(parent)
             try:
                 listed = self._current_listing(parent, dir_st)
+                if listed is not None and self._fills(listed, name, ctx.pid):
+                    listed = self._filled_listing(parent, fd, dir_st)
                 if listed is None or not _answers(listed, name):
                     listed = None
                     alive_at = clock()
@@ -406,6 +418,7 @@ class NoatimeFS(pyfuse3.Operations):
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         _, key, mode, uid, gid, attr, _ = entry
+        assert attr is not None  # (_answers: a bare entry is looked up in SOURCE)
         node = self.inodes.remember_key(parent, name, key, mode, attr.st_ctime_ns)
         # The listing's own attributes, presented here as listing.reply presents them:
         # pyfuse3 copies them into the reply before any other handler runs.
@@ -415,6 +428,39 @@ class NoatimeFS(pyfuse3.Operations):
             mode, uid, gid, parent.view.consumer
         )
         return attr
+
+    def _fills(self, listed: dict[bytes, listing.Entry], name: bytes, tid: int) -> bool:
+        """A lookup by thread *tid* of *name* in a current listing: whether to fill that
+        listing first (:mod:`noatimefs.listing`, "Bare entries").
+
+        A thread that looks up a name it was listed bare stats what it lists: it is
+        remembered, and directories it opens after that are listed in full. Its
+        next such lookup fills the listing it looks in, so that the rest of that
+        directory's names are answered from it too.
+        """
+        entry = listed.get(name)
+        if entry is None or not listing.is_bare(entry):
+            return False
+        self.stats.lookups_bare += 1
+        if tid in self._statters:
+            return True
+        self._statters[tid] = None
+        if len(self._statters) > _STATTERS_MAX:
+            del self._statters[next(iter(self._statters))]
+        return False
+
+    def _filled_listing(
+        self, node: Node, fd: int, st: os.stat_result
+    ) -> dict[bytes, listing.Entry] | None:
+        """The current listing of directory *node* (open on *fd*, with *st*), filled in
+        full and kept so; by name."""
+        cached = self.dir_cache.current(node.key, st.st_ctime_ns)
+        if cached is None:
+            return None
+        self.dir_cache.put(
+            node.key, st.st_ctime_ns, listing.filled(fd, cached.entries, self.timeout)
+        )
+        return self._current_listing(node, st)
 
     def _remember_cold_path(self, name: bytes) -> None:
         self._cold_paths[name] = None
@@ -567,7 +613,7 @@ class NoatimeFS(pyfuse3.Operations):
         self._read_ahead_at[parent.key] = now
         kept = self.dir_cache.peek(parent.key)
         if kept is not None:
-            entries = [(e[0], e[2], e[5].st_size) for e in kept.entries]
+            entries = [(e[0], e[2], None if e[5] is None else e[5].st_size) for e in kept.entries]
             self.read_ahead.want(siblings(entries, parent.path(), node.name))
         # A caller reading a store path's small files cold reads the next ones too, most
         # likely (a tar of a closure, a VM booting); one reading a big file, not so.
@@ -611,6 +657,7 @@ class NoatimeFS(pyfuse3.Operations):
         fh = next(self._dir_ids)
         node.opens += 1
         handle = self.dirs[fh] = _DirHandle(node, fd, dir_st.st_ctime_ns)
+        handle.attributes = ctx.pid in self._statters
         if not self.kernel_listings:
             return pyfuse3.FileHandleT(fh)
         handle.kernel_cache = True
@@ -666,12 +713,20 @@ class NoatimeFS(pyfuse3.Operations):
         node = handle.node
         cached = self.dir_cache.get(node.key, handle.ctime_ns)
         if cached is not None:
-            return cached.entries
+            if not handle.attributes or not any(listing.is_bare(e) for e in cached.entries):
+                return cached.entries
+            with _errors():
+                entries = listing.filled(handle.fd, cached.entries, self.timeout)
+            self.dir_cache.put(node.key, handle.ctime_ns, entries)
+            return entries
+        # Files are listed bare where the C module sends them so, to a caller not known
+        # to stat them (noatimefs.listing, "Bare entries").
+        bare = replyflags.carries_bare() and not handle.attributes
         with _errors():
-            entries = listing.list_dir(handle.fd, self.timeout)
+            entries = listing.list_dir(handle.fd, self.timeout, node.key[0] if bare else None)
         self.dir_cache.put(node.key, handle.ctime_ns, entries)
         if node.parent is not None and node.parent.parent is None:
-            self.walk_ahead.want(node.name)  # a walk of the store may follow
+            self.walk_ahead.want(node.name, inodes=not bare)  # a walk of the store may follow
         return entries
 
     async def _top_listing(self) -> list[listing.Entry]:

@@ -271,6 +271,13 @@ class InodeTable:
                 self._spilled[view_tag, key] = node_id
         return node_id
 
+    def listed_ino(self, key: Identity, view_tag: int = 0) -> int:
+        """The ``d_ino`` to list for a file by its device and inode number alone (a bare
+        entry, :mod:`noatimefs.listing`): its preferred id, what a lookup of it gives unless
+        another file holds that id; its inode number where no preferred id can be."""
+        preferred = self.preferred_id(self.tag_key(key, view_tag), key[1])
+        return key[1] if preferred is None else preferred
+
     def node_id(self, key: Identity, view_tag: int = 0) -> int:
         """The node id a lookup of *key* in view *view_tag* would give now (changing nothing)."""
         node = self._by_key.get((view_tag, key))

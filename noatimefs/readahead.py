@@ -26,6 +26,7 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Sequence
 
 from noatimefs.source import O_PATH, Source, proc_path
 
@@ -82,47 +83,56 @@ class ReadAhead:
 
     def _work(self) -> None:
         while (paths := self._jobs.get()) is not None:
+            budget = MAX_PER_DIR  # (siblings keeps to it by the sizes it knows; here, all)
             for path in paths:
                 try:
-                    self.read_ahead(path)
+                    budget -= max(0, self.read_ahead(path, min(budget, MAX_FILE)))
                 except OSError as exc:  # gone, replaced, unreadable: it was only a hint
                     log.debug("read-ahead of %r skipped: %s", path, exc)
 
-    def read_ahead(self, path: bytes) -> None:
-        """Ask the kernel to read the regular file at *path* into the page cache."""
+    def read_ahead(self, path: bytes, limit: int = MAX_FILE) -> int:
+        """Ask the kernel to read the regular file at *path* into the page cache, if it
+        holds at most *limit* bytes; the bytes asked for (-1: none, :func:`will_need`)."""
         fd = self.source.open(path, O_PATH | os.O_NOFOLLOW)
         try:
-            will_need(fd)
+            return will_need(fd, limit=limit)
         finally:
             os.close(fd)
 
 
-def will_need(path_fd: int, noatime: int = os.O_NOATIME) -> bool:
+def will_need(path_fd: int, noatime: int = os.O_NOATIME, limit: int | None = None) -> int:
     """Ask the kernel to read the file open ``O_PATH`` on *path_fd* into the page cache.
 
     Only a regular file is opened for reading (a device's or a FIFO's open could
-    have side effects, or wait); False for anything else.
+    have side effects, or wait), of at most *limit* bytes if given. The bytes
+    asked for; -1 if none were asked for.
     """
-    if not stat.S_ISREG(os.fstat(path_fd).st_mode):
-        return False
+    st = os.fstat(path_fd)
+    if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+        return -1
     fd = os.open(proc_path(path_fd), os.O_RDONLY | noatime | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
-    return True
+    return st.st_size
 
 
-def siblings(entries: list[tuple[bytes, int, int]], base: bytes, skip: bytes) -> list[bytes]:
+def siblings(
+    entries: Sequence[tuple[bytes, int, int | None]], base: bytes, skip: bytes
+) -> list[bytes]:
     """The paths to read ahead among a directory's *entries* ``(name, mode, size)``.
 
     Non-empty regular files up to :data:`MAX_FILE`, other than *skip* (the file
-    being read), in listing order, within the per-directory budget. *base* is the
-    directory's path relative to SOURCE.
+    being read), in listing order, within the per-directory budget. A size of None
+    (a file listed bare, :mod:`noatimefs.listing`) is not known yet: such a file is
+    picked too, and the worker keeps it to the limits (:meth:`ReadAhead.read_ahead`).
+    *base* is the directory's path relative to SOURCE.
     """
     paths: list[bytes] = []
     budget = MAX_PER_DIR
-    for name, mode, size in entries:
+    for name, mode, known in entries:
+        size = 1 if known is None else known
         if name == skip or not stat.S_ISREG(mode) or not 0 < size <= MAX_FILE:
             continue
         if size > budget or len(paths) >= MAX_FILES_PER_DIR:

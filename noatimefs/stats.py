@@ -25,6 +25,7 @@ class Stats:
     readdirs: int = 0  # READDIR requests: the listings the kernel did not serve itself
     lookups_kept: int = 0  # top-level lookups answered from the kept listing, not SOURCE
     lookups_listed: int = 0  # lookups below the top answered from the parent's cached listing
+    lookups_bare: int = 0  # lookups below the top of a name its cached listing has bare
     checks_settled: int = 0  # identity checks of settled files: no incarnation asked (inodes)
     kept_by_process: Counter[str] = field(default_factory=Counter)
     dropped_by_process: Counter[str] = field(default_factory=Counter)
@@ -68,6 +69,7 @@ class Stats:
             "readdirs": self.readdirs,
             "lookups_kept": self.lookups_kept,
             "lookups_listed": self.lookups_listed,
+            "lookups_bare": self.lookups_bare,
             "checks_settled": self.checks_settled,
             "kept_by_process": dict(self.kept_by_process),
             "dropped_by_process": dict(self.dropped_by_process),

@@ -131,6 +131,7 @@ def render(mountpoint: str, status: Mapping[str, object]) -> str:
         ("listings served", status.get("readdirs", "?")),
         ("kept-top lookups", status.get("lookups_kept", "?")),
         ("listing lookups", status.get("lookups_listed", "?")),
+        ("bare lookups", status.get("lookups_bare", "?")),
         ("settled checks", status.get("checks_settled", "?")),
     ]
     if per_user:

@@ -119,6 +119,20 @@ def test_another_device_gets_the_next_tag(table: InodeTable) -> None:
     assert table.preferred_id(table.tag_key(node.key, 3), 5) == (2 << 48) | 5
 
 
+def test_a_bare_entry_lists_the_id_its_lookup_gives(table: InodeTable) -> None:
+    """listed_ino: the preferred id (SOURCE's number with one view), whatever the
+    incarnation turns out to be; another device's tag, another view's tags; the
+    number itself where no preferred id can be."""
+    bare = (dev(table), 42, None)
+    assert table.listed_ino(bare) == 42 == remember(table, b"f", (dev(table), 42, b"x")).id
+    other = (dev(table) + 1, 42, None)
+    assert table.listed_ino(other) == (1 << 48) | 42
+    assert remember(table, b"g", (dev(table) + 1, 42, b"x")).id == table.listed_ino(other)
+    assert table.listed_ino(bare, 3) == table.preferred_id(table.tag_key(bare, 3), 42)
+    assert table.listed_ino((dev(table), 1 << 50, None)) == 1 << 50
+    assert len(table) == 3  # root, f, g: listing changed nothing
+
+
 def test_root_is_one_and_never_forgotten(table: InodeTable) -> None:
     assert table.node_id(table.root.key) == ROOT_ID
     table.forget(ROOT_ID, 10)

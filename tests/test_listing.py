@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import cast
 
@@ -126,7 +127,9 @@ def test_the_kept_top_level_is_changed_in_place_in_cookie_order(tmp_path: Path) 
         assert now is kept, "a change made a new list: a handle part way through lost it"
         assert top.holds(kept)
         assert [e[0] for e in now] == [e[0] for e in entries(set(map(os.fsencode, os.listdir(fd))))]
-        assert next(e for e in now if e[0] == b"p1")[5].st_size == len(b"longer now")
+        p1 = next(e for e in now if e[0] == b"p1")[5]
+        assert p1 is not None
+        assert p1.st_size == len(b"longer now")
         assert top.version > version
     finally:
         os.close(fd)
@@ -161,3 +164,31 @@ def test_the_top_levels_version_moves_with_its_names_not_with_its_expiry(
         assert top.entries() is None
     finally:
         os.close(fd)
+
+
+def test_files_and_symlinks_are_listed_bare_directories_and_the_rest_in_full(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "link").symlink_to("file")
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dev = os.fstat(fd).st_dev
+        bare = {e[0]: e for e in listing.list_dir(fd, 300.0, dev)}
+        full = {e[0]: e for e in listing.list_dir(fd, 300.0)}
+    finally:
+        os.close(fd)
+    assert sorted(n for n, e in bare.items() if listing.is_bare(e)) == [b"file", b"link"]
+    assert not any(listing.is_bare(e) for e in full.values())
+    for name in (b"file", b"link"):
+        st = os.lstat(tmp_path / os.fsdecode(name))
+        _, key, mode, uid, gid, attr, offset = bare[name]
+        assert key == (dev, st.st_ino, None)
+        assert mode == stat.S_IFMT(st.st_mode)
+        assert (uid, gid, attr) == (-1, -1, None)  # nothing of SOURCE but type and number
+        assert offset == full[name][6]
+    for name in (b"dir", b"fifo"):
+        assert bare[name][:5] == full[name][:5]
+        assert bare[name][5] is not None

@@ -40,21 +40,22 @@ Bare entries
 ------------
 Below the top level, a regular file or symlink is listed *bare*: its name,
 type and inode number from ``getdents`` alone, no ``lstat`` and no
-incarnation (:func:`list_dir` with *bare*). :func:`reply` sends it with node
-id 0, which the kernel takes as "no attributes for this entry"
+incarnation (:func:`list_dir` with *bare_on*). :func:`reply` sends it with
+node id 0, which the kernel takes as "no attributes for this entry"
 (``fuse_direntplus_link``): the caller gets the name, ``d_type`` and
 ``d_ino``, and the kernel links no inode, so a later ``stat`` of the name is
 a LOOKUP, answered from SOURCE. A walk that never stats files (``find``,
 ``du --inodes``, a shell glob) then costs the daemon nothing per file, and
-SOURCE's disk no read of the file's inode, as a plain ``getdents`` costs
-natively; one that does (``find -printf %s``, ``ls -l``) pays a LOOKUP per file
-instead of an ``lstat`` in the listing. Directories keep their attributes: a
-walk goes into them. So a caller that stats what it lists is listed in full
-from then on: :class:`noatimefs.fs.NoatimeFS` remembers a thread that looks up
-a name it was listed bare, lists directories it opens with attributes, and
-fills a bare listing it looks names up in (:func:`filled`): one ``lstat`` per
-file, as a listing in full costs, not a lookup's two descriptors. The top level is kept whole
-(:mod:`noatimefs.toplevel`: it answers lookups itself).
+SOURCE no ``lstat`` of it, as a plain ``getdents`` costs natively.
+Directories keep their attributes: a walk goes into them. The top level is
+kept whole (:mod:`noatimefs.toplevel`: it answers lookups itself).
+
+A caller that does stat what it lists (``find -printf %s``, ``ls -l``) would
+pay a LOOKUP per file instead of an ``lstat`` in the listing. So
+:class:`noatimefs.fs.NoatimeFS` remembers a thread that looks up a name it
+was listed bare, lists the directories it opens afterwards with attributes,
+and fills a bare listing it looks names up in (:func:`filled`): one
+``lstat`` and handle per file, as a listing in full costs.
 
 A bare entry presents nothing of SOURCE but what a plain READDIR would: no
 owner, mode, size or times. Its ``d_ino`` is the node id a lookup of it will
@@ -188,7 +189,7 @@ def filled(fd: int, entries: list[Entry], timeout: float) -> list[Entry]:
     same order; a name gone since is left out."""
     full = []
     for entry in entries:
-        if entry[5] is None:
+        if is_bare(entry):
             try:
                 st, incarnation = identify(fd, entry[0])
             except FileNotFoundError:

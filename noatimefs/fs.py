@@ -133,14 +133,9 @@ class _errors:  # noqa: N801 (used as a function: ``with _errors():``)
 
 
 def _answers(listed: dict[bytes, listing.Entry], name: bytes) -> bool:
-    """Whether a current listing by name answers a lookup of *name* as SOURCE would.
-
-    Not for a bare entry: its attributes are SOURCE's to tell (:mod:`noatimefs.listing`).
-    """
-    entry = listed.get(name)
-    if entry is None:
-        return len(name) <= _NAME_MAX
-    return not listing.is_bare(entry)
+    """Whether a current listing by name (none bare) answers a lookup of *name* as SOURCE
+    would."""
+    return len(name) <= _NAME_MAX or name in listed
 
 
 def _stale() -> pyfuse3.FUSEError:
@@ -346,10 +341,9 @@ class NoatimeFS(pyfuse3.Operations):
             fd, dir_st = self._open_dir(parent)
             try:
                 listed = self._current_listing(parent, dir_st)
-                if listed is not None and self._fills(listed, name, ctx.pid):
-                    listed = self._filled_listing(parent, fd, dir_st)
-                if listed is None or not _answers(listed, name):
-                    listed = None
+                if listed is not None:
+                    listed = self._answering(listed, name, ctx.pid, parent, fd, dir_st)
+                if listed is None:
                     alive_at = clock()
                     st, inc = identify(fd, name)
             finally:
@@ -418,7 +412,7 @@ class NoatimeFS(pyfuse3.Operations):
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         _, key, mode, uid, gid, attr, _ = entry
-        assert attr is not None  # (_answers: a bare entry is looked up in SOURCE)
+        assert attr is not None  # (a bare entry is looked up in SOURCE: _answering)
         node = self.inodes.remember_key(parent, name, key, mode, attr.st_ctime_ns)
         # The listing's own attributes, presented here as listing.reply presents them:
         # pyfuse3 copies them into the reply before any other handler runs.
@@ -429,25 +423,36 @@ class NoatimeFS(pyfuse3.Operations):
         )
         return attr
 
-    def _fills(self, listed: dict[bytes, listing.Entry], name: bytes, tid: int) -> bool:
-        """A lookup by thread *tid* of *name* in a current listing: whether to fill that
-        listing first (:mod:`noatimefs.listing`, "Bare entries").
+    def _answering(
+        self,
+        listed: dict[bytes, listing.Entry],
+        name: bytes,
+        tid: int,
+        parent: Node,
+        fd: int,
+        dir_st: os.stat_result,
+    ) -> dict[bytes, listing.Entry] | None:
+        """The listing that answers thread *tid*'s lookup of *name* in *parent* (open on
+        *fd*, with *dir_st*), whose current listing is *listed*; None: ask SOURCE.
 
-        A thread that looks up a name it was listed bare stats what it lists: it is
-        remembered, and directories it opens after that are listed in full. Its
-        next such lookup fills the listing it looks in, so that the rest of that
-        directory's names are answered from it too.
+        A name listed bare is SOURCE's to tell (:mod:`noatimefs.listing`, "Bare
+        entries"). A thread that looks one up stats what it lists: it is remembered,
+        and directories it opens after that are listed in full. Its next such
+        lookup fills the listing it looks in, so that the rest of that directory's
+        names are answered from it too.
         """
         entry = listed.get(name)
-        if entry is None or not listing.is_bare(entry):
-            return False
+        if entry is None:
+            return listed if len(name) <= _NAME_MAX else None
+        if not listing.is_bare(entry):
+            return listed
         self.stats.lookups_bare += 1
         if tid in self._statters:
-            return True
+            return self._filled_listing(parent, fd, dir_st)
         self._statters[tid] = None
         if len(self._statters) > _STATTERS_MAX:
             del self._statters[next(iter(self._statters))]
-        return False
+        return None
 
     def _filled_listing(
         self, node: Node, fd: int, st: os.stat_result

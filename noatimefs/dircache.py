@@ -18,6 +18,7 @@ by :mod:`noatimefs.toplevel`, right by the inotify watch.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -40,7 +41,10 @@ class DirCache(Generic[E]):
     def __init__(self, timeout: float, max_entries: int = 100_000) -> None:
         self.timeout = timeout
         self.max_entries = max_entries
-        self._listings: dict[Key, Listing[E]] = {}
+        # Oldest first. An OrderedDict, not a dict: a dict's first key is found by stepping
+        # over the slots of every key deleted before it, so dropping the oldest again and
+        # again costs time in proportion to what was dropped (35 µs a drop at 100,000 keys).
+        self._listings: OrderedDict[Key, Listing[E]] = OrderedDict()
         self._size = 0
         self.hits = 0
         self.misses = 0
@@ -76,7 +80,8 @@ class DirCache(Generic[E]):
             return
         self.drop(key)
         while self._listings and self._size + len(entries) > self.max_entries:
-            self.drop(next(iter(self._listings)))  # the oldest listing
+            _, oldest = self._listings.popitem(last=False)
+            self._size -= len(oldest.entries)
         self._listings[key] = Listing(ctime_ns, entries, time.monotonic() + self.timeout)
         self._size += len(entries)
 

@@ -55,7 +55,7 @@ import os
 import stat
 import time
 import types
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -216,8 +216,10 @@ class NoatimeFS(pyfuse3.Operations):
         self.walk_ahead = WalkAhead(source.root_fd)
         self._read_ahead_at: dict[Identity, float] = {}  # directory -> when
         self._data_walked = b""  # the store path last named to walk ahead with its data
-        self._cold_paths: dict[bytes, None] = {}  # store paths looked up cold, not yet entered
-        self._statters: dict[int, None] = {}  # threads that looked up a name listed bare
+        # store paths looked up cold, not yet entered, oldest first
+        self._cold_paths: OrderedDict[bytes, None] = OrderedDict()
+        # threads that looked up a name listed bare, oldest first (OrderedDict: see DirCache)
+        self._statters: OrderedDict[int, None] = OrderedDict()
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request, just before it answers it."""
@@ -451,7 +453,7 @@ class NoatimeFS(pyfuse3.Operations):
             return self._filled_listing(parent, fd, dir_st)
         self._statters[tid] = None
         if len(self._statters) > _STATTERS_MAX:
-            del self._statters[next(iter(self._statters))]
+            self._statters.popitem(last=False)
         return None
 
     def _filled_listing(
@@ -470,7 +472,7 @@ class NoatimeFS(pyfuse3.Operations):
     def _remember_cold_path(self, name: bytes) -> None:
         self._cold_paths[name] = None
         if len(self._cold_paths) > _COLD_PATHS_MAX:
-            del self._cold_paths[next(iter(self._cold_paths))]
+            self._cold_paths.popitem(last=False)
 
     def _enters_cold_path(self, parent: Node) -> bool:
         """A lookup in *parent*: is it the first into a store path that was looked up cold?"""

@@ -89,6 +89,15 @@ DATA = b"/"
 #: for a while (without it, a walk lists directories and ``lstat``-s none of their files:
 #: a bare listing needs no inode, see :mod:`noatimefs.listing`).
 INODES = b"//"
+#: The orders a walk may visit SOURCE's top level in: the daemon's (by cookie), or by
+#: inode number (GNU find, du and the rest of gnulib's fts sort a directory of more
+#: than 10,000 entries by ``d_ino`` before they visit it, on every file system but a
+#: few network ones and tmpfs; the mount presents SOURCE's inode numbers, so that is
+#: SOURCE's inode order).
+SERVED, INODE = "served", "inode"
+#: A name within this many store paths after the one before, in one of the orders and
+#: not in the other, tells the helper which order the walk goes in (Walker.follow).
+FOLLOW_STEP = 256
 
 
 class WalkAhead:
@@ -186,9 +195,13 @@ class Walker:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self._noatime = os.O_NOATIME
-        self._top: list[bytes] = []
+        self._top: list[bytes] = []  # SOURCE's top level in the order walked (self.order)
         self._top_index: dict[bytes, int] = {}
         self._top_at = -TOP_LEVEL_KEEP
+        self._orders: dict[str, tuple[list[bytes], dict[bytes, int]]] = {}
+        self.order = SERVED  # the order the walk of the mount goes in, as far as seen
+        self._followed: dict[str, int] = {}  # the newest name's index in each order
+        self.switched = 0  # times the order walked changed
         #: name -> (when, entries, whether with data, whether with inodes)
         self._walked: dict[bytes, tuple[float, int, bool, bool]] = {}
         # The run: the top-level paths walked one after the other from index _run_first.
@@ -228,18 +241,47 @@ class Walker:
         return openat2(dir_fd, name, flags)
 
     def top_level(self) -> list[bytes]:
-        """SOURCE's top-level names in served order (kept :data:`TOP_LEVEL_KEEP` seconds)."""
+        """SOURCE's top-level names in the order walked (kept :data:`TOP_LEVEL_KEEP` seconds)."""
         now = time.monotonic()
         if now - self._top_at > TOP_LEVEL_KEEP:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
             try:
                 with os.scandir(fd) as it:
-                    self._top = order.ordered([os.fsencode(entry.name) for entry in it])
+                    listed = [(entry.inode(), os.fsencode(entry.name)) for entry in it]
             finally:
                 os.close(fd)
-            self._top_index = {name: i for i, name in enumerate(self._top)}
+            listed.sort()
+            by_inode = [name for _, name in listed]
+            for name, names in ((INODE, by_inode), (SERVED, order.ordered(list(by_inode)))):
+                self._orders[name] = (names, {n: i for i, n in enumerate(names)})
+            self._top, self._top_index = self._orders[self.order]
+            self._followed = {}
             self._top_at = now
         return self._top
+
+    def follow(self, name: bytes) -> None:
+        """The daemon listed the store path *name*: learn the order the walk goes in.
+
+        A walk names each store path it lists that the daemon did not hold, one
+        after the other in its order. A name a few paths after the one before in
+        one order, and not in the other, says that order is the walk's; from then
+        on the helper walks ahead in it.
+        """
+        self.top_level()
+        indexes = {o: index[name] for o, (_, index) in self._orders.items() if name in index}
+        if len(indexes) < len(self._orders):
+            return  # new since the top level was listed
+        followed = [
+            o
+            for o, i in indexes.items()
+            if o in self._followed and 0 < i - self._followed[o] <= FOLLOW_STEP
+        ]
+        self._followed = indexes
+        if len(followed) == 1 and followed[0] != self.order:
+            self.order = followed[0]
+            self._top, self._top_index = self._orders[self.order]
+            self._new_run(0)  # the run's plan was in the other order
+            self.switched += 1
 
     def named(self, name: bytes) -> int:
         """The daemon's newest name: how many entries to walk for it now.
@@ -400,6 +442,9 @@ def serve(walker: Walker, pipe: int) -> None:
             if INODES in names:
                 walker.read_inodes()
             names = [name for name in names if name not in (DATA, INODES)]
+            for name in names:
+                if name[:1] != b"/":
+                    walker.follow(name)
             if names:
                 budget = walker.named(names[-1])
                 walker.data_left = DATA_AHEAD

@@ -265,3 +265,37 @@ def test_source_tells_a_name_it_must_look_up_on_disk(tmp_path: Path) -> None:
         assert source.open_cached(b"never-looked-up") == -errno.ENOENT
     finally:
         source.close()
+
+
+def test_the_helper_walks_ahead_in_the_order_the_walk_goes(tmp_path: Path) -> None:
+    """GNU find sorts a directory of more than 10,000 entries by inode number before it
+    visits them: a walk of a big top level names store paths in inode order, not served
+    order. Two names a step apart in one order, and not in the other, switch the helper to
+    it; its run then goes on in that order."""
+    src = tmp_path / "store"
+    for i in range(40):
+        (src / f"p{i:02d}").mkdir(parents=True)
+    by_inode = [os.fsencode(p.name) for p in sorted(src.iterdir(), key=lambda p: p.stat().st_ino)]
+    served = order.ordered(list(by_inode))
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        walker = Walker(fd)
+        assert walker.order == walkahead.SERVED
+        # An inode-order step that goes back in served order: the walk is in inode order.
+        i = next(i for i in range(39) if served.index(by_inode[i + 1]) < served.index(by_inode[i]))
+        walker.follow(by_inode[i])
+        walker.follow(by_inode[i + 1])
+        assert (walker.order, walker.switched) == (walkahead.INODE, 1)
+        assert _steps(walker, walker.named(by_inode[i + 1])) == by_inode[i + 1 :]
+        walker.follow(by_inode[i + 2])  # on in the same order: no change
+        assert walker.switched == 1
+        # A served-order step that goes back in inode order: back to served order.
+        j = next(j for j in range(39) if by_inode.index(served[j + 1]) < by_inode.index(served[j]))
+        walker.follow(served[j])
+        walker.follow(served[j + 1])
+        assert (walker.order, walker.switched) == (walkahead.SERVED, 2)
+        assert _steps(walker, walker.named(served[j + 1])) == served[j + 1 :]
+        walker.follow(b"new-since")  # not in the top level as listed: no vote
+        assert walker.order == walkahead.SERVED
+    finally:
+        os.close(fd)

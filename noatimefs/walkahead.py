@@ -14,7 +14,9 @@ files' inodes (an ``lstat`` of each) are read only when the daemon says callers
 stat them (:data:`INODES`: it lists with attributes, :mod:`noatimefs.listing`,
 "Bare entries"), and for a path named alone (below). It walks in the order the daemon serves
 listings, and so a walk of the mount visits them (:mod:`noatimefs.order`: by
-cookie, with the daemon's key), not in SOURCE's own order. By the time the walker asks
+cookie, with the daemon's key), not in SOURCE's own order; or, once the names it
+is sent follow inode numbers, in that order (:meth:`Walker.follow`: GNU find
+visits a directory of more than 10,000 entries so). By the time the walker asks
 for them, the daemon finds the blocks and inodes in memory. A new name the
 helper has not walked yet starts it over from there, so it follows a walker
 that skips ahead; one it has walked already (the walker is behind it, as it

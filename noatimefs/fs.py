@@ -719,7 +719,11 @@ class NoatimeFS(pyfuse3.Operations):
         """The listing of a directory below the top level: cached, or made now."""
         node = handle.node
         cached = self.dir_cache.get(node.key, handle.ctime_ns)
+        store_path = node.parent is not None and node.parent.parent is None
         if cached is not None:
+            if store_path:
+                inodes = handle.attributes or not replyflags.carries_bare()
+                self._walk_if_cold(node, cached.entries, inodes)
             if not handle.attributes or not any(listing.is_bare(e) for e in cached.entries):
                 return cached.entries
             with _errors():
@@ -732,9 +736,18 @@ class NoatimeFS(pyfuse3.Operations):
         with _errors():
             entries = listing.list_dir(handle.fd, self.timeout, node.key[0] if bare else None)
         self.dir_cache.put(node.key, handle.ctime_ns, entries)
-        if node.parent is not None and node.parent.parent is None:
+        if store_path:
             self.walk_ahead.want(node.name, inodes=not bare)  # a walk of the store may follow
         return entries
+
+    def _walk_if_cold(self, node: Node, entries: list[listing.Entry], inodes: bool) -> None:
+        """The store path *node*'s listing is served from the daemon's cache, which outlives
+        SOURCE's: if what lies below it is cold, a walk would wait for the disk at each of
+        its directories' opens. Its first subdirectory not resolving from memory says so:
+        it is named to the walk-ahead helper, as a store path listed now is."""
+        sub = next((entry[0] for entry in entries if stat.S_ISDIR(entry[2])), None)
+        if sub is not None and not self.source.in_memory(node.path() + b"/" + sub):
+            self.walk_ahead.want(node.name, inodes=inodes)
 
     async def _top_listing(self) -> list[listing.Entry]:
         """SOURCE's top-level listing: kept (see :mod:`noatimefs.toplevel`), or made now.

@@ -305,6 +305,29 @@ def test_opendir_lists_nothing_until_read(ops: NoatimeFS, monkeypatch: pytest.Mo
     assert (ops.dir_cache.misses, ops.dir_cache.hits) == (1, 1)
 
 
+def test_a_store_path_listed_from_the_cache_is_walked_ahead_once_source_is_cold(
+    ops: NoatimeFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's listing cache outlives SOURCE's caches: a store path served from it
+    is named to the walk-ahead helper when its first subdirectory is no longer in memory."""
+    named: list[bytes] = []
+    monkeypatch.setattr(ops.walk_ahead, "want", lambda name, **_: named.append(name))
+    pkg = lookup(ops, "pkg").st_ino
+    readdir(ops, pkg, monkeypatch)
+    assert named == [b"pkg"]  # listed now
+    readdir(ops, pkg, monkeypatch)
+    assert named == [b"pkg"]  # from the cache, and pkg/bin resolves from memory
+    asked: list[bytes] = []
+
+    def cold(relpath: bytes) -> bool:
+        asked.append(relpath)
+        return False
+
+    monkeypatch.setattr(ops.source, "in_memory", cold)
+    readdir(ops, pkg, monkeypatch)
+    assert (named, asked) == ([b"pkg", b"pkg"], [b"pkg/bin"])
+
+
 def test_opendir_rechecks_real_access(ops: NoatimeFS, tree: Path) -> None:
     (tree / "private").mkdir(mode=0o700)
     node = lookup(ops, "private").st_ino

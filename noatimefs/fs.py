@@ -720,19 +720,18 @@ class NoatimeFS(pyfuse3.Operations):
         node = handle.node
         cached = self.dir_cache.get(node.key, handle.ctime_ns)
         store_path = node.parent is not None and node.parent.parent is None
+        # Files are listed bare where the C module sends them so, to a caller not known
+        # to stat them (noatimefs.listing, "Bare entries").
+        bare = replyflags.carries_bare() and not handle.attributes
         if cached is not None:
             if store_path:
-                inodes = handle.attributes or not replyflags.carries_bare()
-                self._walk_if_cold(node, cached.entries, inodes)
+                self._walk_if_cold(node, cached.entries, inodes=not bare)
             if not handle.attributes or not any(listing.is_bare(e) for e in cached.entries):
                 return cached.entries
             with _errors():
                 entries = listing.filled(handle.fd, cached.entries, self.timeout)
             self.dir_cache.put(node.key, handle.ctime_ns, entries)
             return entries
-        # Files are listed bare where the C module sends them so, to a caller not known
-        # to stat them (noatimefs.listing, "Bare entries").
-        bare = replyflags.carries_bare() and not handle.attributes
         with _errors():
             entries = listing.list_dir(handle.fd, self.timeout, node.key[0] if bare else None)
         self.dir_cache.put(node.key, handle.ctime_ns, entries)

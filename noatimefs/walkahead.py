@@ -254,10 +254,11 @@ class Walker:
                 os.close(fd)
             listed.sort()
             by_inode = [name for _, name in listed]
-            for name, names in ((INODE, by_inode), (SERVED, order.ordered(list(by_inode)))):
-                self._orders[name] = (names, {n: i for i, n in enumerate(names)})
+            for kind, names in ((INODE, by_inode), (SERVED, order.ordered(list(by_inode)))):
+                self._orders[kind] = (names, {n: i for i, n in enumerate(names)})
             self._top, self._top_index = self._orders[self.order]
             self._followed = {}
+            self._new_run(0)  # the run's indexes were into the listing before
             self._top_at = now
         return self._top
 
@@ -299,7 +300,6 @@ class Walker:
         if name[:1] == b"/":
             self._alone = name[1:]
             return AHEAD
-        listed_at = self._top_at
         self.top_level()
         index = self._top_index.get(name)
         if index is None:
@@ -307,7 +307,7 @@ class Walker:
             return AHEAD
         self._running = True
         walked = index - self._run_first
-        if self._top_at == listed_at and 0 <= walked < len(self._ahead):
+        if 0 <= walked < len(self._ahead):
             return AHEAD - (self._ahead[-1] - self._ahead[walked])
         self._new_run(index)
         return AHEAD

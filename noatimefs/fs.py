@@ -464,10 +464,17 @@ class NoatimeFS(pyfuse3.Operations):
         cached = self.dir_cache.current(node.key, st.st_ctime_ns)
         if cached is None:
             return None
-        self.dir_cache.put(
-            node.key, st.st_ctime_ns, listing.filled(fd, cached.entries, self.timeout)
-        )
+        self._fill(node, fd, st.st_ctime_ns, cached.entries)
         return self._current_listing(node, st)
+
+    def _fill(
+        self, node: Node, fd: int, ctime_ns: int, entries: list[listing.Entry]
+    ) -> list[listing.Entry]:
+        """*node*'s cached *entries* (of the directory open on *fd*, at *ctime_ns*) filled
+        in full (:func:`listing.filled`), and cached so in their place."""
+        full = listing.filled(fd, entries, self.timeout)
+        self.dir_cache.put(node.key, ctime_ns, full)
+        return full
 
     def _remember_cold_path(self, name: bytes) -> None:
         self._cold_paths[name] = None
@@ -729,9 +736,7 @@ class NoatimeFS(pyfuse3.Operations):
             if not handle.attributes or not any(listing.is_bare(e) for e in cached.entries):
                 return cached.entries
             with _errors():
-                entries = listing.filled(handle.fd, cached.entries, self.timeout)
-            self.dir_cache.put(node.key, handle.ctime_ns, entries)
-            return entries
+                return self._fill(node, handle.fd, handle.ctime_ns, cached.entries)
         with _errors():
             entries = listing.list_dir(handle.fd, self.timeout, node.key[0] if bare else None)
         self.dir_cache.put(node.key, handle.ctime_ns, entries)
